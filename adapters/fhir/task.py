@@ -1,0 +1,129 @@
+"""Render the engine's RecallTask as a FHIR R4 Task (validated with fhir.resources' R4B model).
+
+Shape (DESIGN.md "FHIR R4"): `for` the NHS number when known, else the local identifier;
+`focus` a contained ServiceRequest with the placer (PLAC) and filler (FILL) numbers; `owner`
+the clinician's identifier from the XCN with its assigning authority; `code` the rule;
+`instantiatesUri` rule id and version; a deterministic `identifier`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fhir.resources.R4B.task import Task
+
+from engine.events import NHS_NUMBER_SYSTEM
+from engine.tasks import RecallTask
+
+TASK_SYSTEM = "urn:safetynet:task"
+RULE_SYSTEM = "urn:safetynet:rule"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+# Assigning authorities with a published FHIR identifier system; others get a local URN.
+KNOWN_AUTHORITIES = {
+    "NHS": NHS_NUMBER_SYSTEM,
+    "GMC": "https://fhir.hl7.org.uk/Id/gmc-number",
+    "NMC": "https://fhir.hl7.org.uk/Id/nmc-number",
+}
+
+
+def authority_system(authority: str) -> str:
+    """The identifier system for an HL7 assigning authority (CX.4 / XCN.9)."""
+    if authority in KNOWN_AUTHORITIES:
+        return KNOWN_AUTHORITIES[authority]
+    if authority.startswith(("http://", "https://", "urn:")):
+        return authority
+    return f"urn:safetynet:authority:{authority or 'unknown'}"
+
+
+def _typed(code: str, system: str, value: str) -> dict[str, Any]:
+    return {
+        "type": {"coding": [{"system": V2_0203, "code": code}]},
+        "system": system,
+        "value": value,
+    }
+
+
+def task_resource(task: RecallTask) -> dict[str, Any]:
+    """The FHIR R4 Task JSON for a RecallTask."""
+    patient = {
+        "type": "Patient",
+        "identifier": {
+            "system": NHS_NUMBER_SYSTEM
+            if task.patient_is_nhs
+            else authority_system(task.patient_system),
+            "value": task.patient_value,
+        },
+    }
+    focus = task.focus
+    order_ids = []
+    if focus.placer:
+        order_ids.append(_typed("PLAC", authority_system(focus.placer_ns), focus.placer))
+    if focus.filler:
+        order_ids.append(_typed("FILL", authority_system(focus.filler_ns), focus.filler))
+    service_request: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": "order",
+        "identifier": order_ids,
+        "status": "unknown",
+        "intent": "order",
+        "subject": patient,
+    }
+    if focus.code or focus.name:
+        coding = {"system": "urn:safetynet:procedure", "code": focus.code or focus.name}
+        if focus.name:
+            coding["display"] = focus.name
+        service_request["code"] = {"coding": [coding], "text": focus.name or focus.code}
+    owner = task.owner
+    resource: dict[str, Any] = {
+        "resourceType": "Task",
+        "id": task.identifier,
+        "identifier": [{"system": TASK_SYSTEM, "value": task.identifier}],
+        "instantiatesUri": task.rule_uri,
+        "contained": [service_request],
+        "status": task.status,
+        "intent": "order",
+        "priority": task.priority,
+        "code": {
+            "coding": [{"system": RULE_SYSTEM, "code": task.rule_id, "display": task.rule_title}]
+        },
+        "description": task.description,
+        "focus": {"reference": "#order", "type": "ServiceRequest"},
+        "for": patient,
+        "authoredOn": task.authored_on.isoformat(),
+        "lastModified": task.authored_on.isoformat(),
+        "requester": {"type": "Device", "display": "safetynet"},
+        "owner": {
+            "type": "CareTeam" if task.owner_is_pool else "Practitioner",
+            "identifier": {
+                "system": authority_system(owner.authority),
+                "value": owner.id,
+                **({"assigner": {"display": owner.authority}} if owner.authority else {}),
+            },
+            **({"display": owner.name} if owner.name else {}),
+        },
+        "reasonCode": {"text": task.reason},
+        "restriction": {"period": {"end": task.deadline.isoformat()}},
+    }
+    if task.encounter:
+        resource["encounter"] = {
+            "type": "Encounter",
+            "identifier": {
+                "type": {"coding": [{"system": V2_0203, "code": "VN"}]},
+                "value": task.encounter,
+            },
+        }
+    if task.part_of:
+        resource["partOf"] = [
+            {
+                "reference": f"Task/{task.part_of}",
+                "type": "Task",
+                "identifier": {"system": TASK_SYSTEM, "value": task.part_of},
+            }
+        ]
+    if task.shadow:
+        resource["meta"] = {"tag": [{"system": "urn:safetynet:tag", "code": "shadow"}]}
+    # Validate against the R4B model (it does not check value sets; ours are fixed above).
+    validated = Task.model_validate(resource)
+    out: dict[str, Any] = json.loads(validated.model_dump_json(by_alias=True, exclude_none=True))
+    return out

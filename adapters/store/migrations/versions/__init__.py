@@ -1,0 +1,1 @@
+"""Migration revisions, one file each, applied in order of their `down_revision` chain."""

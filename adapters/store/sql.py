@@ -1,0 +1,857 @@
+"""`SqlStore`: the engine's `Store` port on SQLAlchemy 2 Core, for SQLite and PostgreSQL.
+
+One `SqlUnitOfWork` is one connection in one transaction. Statements are built once per store
+(SQLAlchemy then caches their compiled form), rows are read positionally and nothing is
+reflected at run time, because replay calls these methods several times per message at
+thousands of messages a second.
+
+SQLite runs in WAL mode with `synchronous=FULL`; every writing unit of work starts with
+`BEGIN IMMEDIATE`, so concurrent writers queue on the busy timeout instead of failing half-way
+with "database is locked" when a read lock cannot be upgraded.
+
+Database errors (SQLAlchemy's `DBAPIError` tree) are not translated: to the caller they all mean
+"nothing was committed, do not acknowledge", which is what an exception out of `begin()` says.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Executable,
+    Integer,
+    Select,
+    Table,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.expression import BindParameter
+
+from adapters.store import schema
+from engine.ports import (
+    Clock,
+    DueTimer,
+    Fact,
+    InboundMessage,
+    InboxEntry,
+    StoredTask,
+)
+
+__all__ = ["SqlStore", "SqlUnitOfWork", "open_store"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+# How long a SQLite writer waits for another writer's transaction before giving up.
+DEFAULT_BUSY_TIMEOUT_MS = 30_000
+
+# Arbitrary constant naming the PostgreSQL advisory lock that serialises concurrent migrations
+# (two service processes starting together must not both try to create the tables).
+_MIGRATION_LOCK_ID = 0x5AFE7E7
+
+# Execution option marking a connection whose transaction must not write.
+_READ_ONLY = "safetynet_read_only"
+
+# The alias token under which a merged-away patient key stays findable.
+MERGED_KEY_PREFIX = "patient-key|"
+
+_INBOX_COLUMNS = (
+    "sender",
+    "control_id",
+    "content_hash",
+    "received_at",
+    "protocol",
+    "message_type",
+    "origin",
+    "raw",
+    "state",
+    "detail",
+    "processed_at",
+)
+
+_TASK_COLUMNS = (
+    "identifier",
+    "patient_key",
+    "rule_id",
+    "rule_version",
+    "status",
+    "priority",
+    "owner",
+    "resource",
+    "version",
+    "shadow",
+)
+
+
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _upsert(dialect: str, table: Table) -> sqlite.Insert | postgresql.Insert:
+    """The dialect's INSERT that knows ON CONFLICT; the one place that picks by backend."""
+    if dialect == "postgresql":
+        return postgresql.insert(table)
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    raise ValueError(f"unsupported database dialect {dialect!r}")
+
+
+class _Prepared:
+    """An INSERT ... ON CONFLICT compiled once for one dialect, run with `exec_driver_sql`.
+
+    SQLAlchemy 2.0 cannot cache its dialect-specific ON CONFLICT constructs (their
+    `inherit_cache` is False), so executing one directly compiles it again on every call: about
+    half of the store's time in a replay. Here only the bound values' type processing (JSON,
+    UTC times, booleans) runs per call. `keys` are the parameters every call supplies.
+    """
+
+    __slots__ = ("_defaults", "_order", "_processors", "sql")
+
+    def __init__(self, statement: UpdateBase, dialect: Dialect, keys: Sequence[str]) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+        if not isinstance(compiled, SQLCompiler):
+            raise TypeError(f"cannot prepare {statement!r}")
+        self.sql = compiled.string
+        # Literal values inside the statement (the 1 in `version + 1`) are bound parameters too.
+        self._defaults: dict[str, Any] = {}
+        self._processors: list[tuple[str, Callable[[Any], Any]]] = []
+        for bind, name in compiled.bind_names.items():
+            if name not in keys:
+                if bind.required:
+                    raise ValueError(f"statement needs parameter {name!r} not in {keys}")
+                self._defaults[name] = bind.effective_value
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                self._processors.append((name, process))
+        self._order = tuple(compiled.positiontup or ()) if compiled.positional else None
+
+    def params(self, values: Mapping[str, Any]) -> dict[str, Any] | tuple[Any, ...]:
+        """The driver-level parameters for one execution."""
+        row = {**self._defaults, **values}
+        for name, process in self._processors:
+            row[name] = process(row[name])
+        return row if self._order is None else tuple(row[name] for name in self._order)
+
+
+class _Statements:
+    """Every statement a unit of work runs, built once per store for its dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        upsert = functools.partial(_upsert, dialect.name)
+
+        def prepare(statement: UpdateBase, *keys: str) -> _Prepared:
+            return _Prepared(statement, dialect, keys)
+
+        p = bindparam
+        inbox, quarantine = schema.inbox, schema.quarantine
+        patients, aliases, orders = schema.patients, schema.patient_aliases, schema.order_aliases
+        facts, tasks, history = schema.facts, schema.tasks, schema.task_history
+        due, audit = schema.due, schema.audit
+
+        # --- inbox and quarantine ---
+        self.inbox_same_control_id = select(inbox.c.id, inbox.c.content_hash, inbox.c.state).where(
+            inbox.c.sender == p("sender"), inbox.c.control_id == p("control_id")
+        )
+        self.inbox_find = select(inbox.c.id, inbox.c.state).where(
+            inbox.c.sender == p("sender"),
+            inbox.c.control_id == p("control_id"),
+            inbox.c.content_hash == p("content_hash"),
+        )
+        self.inbox_insert = prepare(
+            upsert(inbox)
+            .on_conflict_do_nothing(
+                index_elements=[inbox.c.sender, inbox.c.control_id, inbox.c.content_hash]
+            )
+            .returning(inbox.c.id),
+            *_INBOX_COLUMNS,
+        )
+        self.inbox_set_state = (
+            update(inbox)
+            .where(inbox.c.id == p("p_id"))
+            .values(state=p("p_state"), detail=p("p_detail"), processed_at=p("p_at"))
+        )
+        self.quarantine_insert = insert(quarantine).returning(quarantine.c.id)
+
+        # --- identity ---
+        self.patient_ensure = prepare(
+            upsert(patients).on_conflict_do_nothing(index_elements=[patients.c.key]),
+            "key",
+            "created_at",
+            "record_incomplete",
+        )
+        self.patients_for = select(aliases.c.token, aliases.c.patient_key).where(
+            aliases.c.token.in_(p("tokens", expanding=True))
+        )
+        self.alias_add = prepare(
+            upsert(aliases).on_conflict_do_nothing(index_elements=[aliases.c.token]),
+            "token",
+            "patient_key",
+        )
+        alias_upsert = upsert(aliases)
+        self.alias_repoint = prepare(
+            alias_upsert.on_conflict_do_update(
+                index_elements=[aliases.c.token],
+                set_={"patient_key": alias_upsert.excluded.patient_key},
+            ),
+            "token",
+            "patient_key",
+        )
+        self.order_for = select(orders.c.token, orders.c.order_key, orders.c.patient_key).where(
+            orders.c.token.in_(p("tokens", expanding=True))
+        )
+        self.order_add = prepare(
+            upsert(orders).on_conflict_do_nothing(index_elements=[orders.c.token]),
+            "token",
+            "order_key",
+            "patient_key",
+        )
+
+        # --- merge: each moves the prior key's rows, keeping the survivor's on a clash ---
+        prior: BindParameter[str] = p("p_prior")
+        surviving: BindParameter[str] = p("p_surviving")
+        self.merge_aliases = (
+            update(aliases).where(aliases.c.patient_key == prior).values(patient_key=surviving)
+        )
+        self.merge_orders = (
+            update(orders).where(orders.c.patient_key == prior).values(patient_key=surviving)
+        )
+        survivor_fact = facts.alias("survivor_fact")
+        self.merge_facts_move = (
+            update(facts)
+            .where(
+                facts.c.patient_key == prior,
+                ~exists().where(
+                    survivor_fact.c.patient_key == surviving, survivor_fact.c.key == facts.c.key
+                ),
+            )
+            .values(patient_key=surviving)
+        )
+        self.merge_facts_drop = delete(facts).where(facts.c.patient_key == prior)
+        self.merge_tasks = (
+            update(tasks)
+            .where(
+                tasks.c.patient_key == prior,
+                tasks.c.status.not_in(sorted(schema.TASK_CLOSED_STATUSES)),
+            )
+            .values(patient_key=surviving)
+        )
+        survivor_due = due.alias("survivor_due")
+        self.merge_due_move = (
+            update(due)
+            .where(
+                due.c.patient_key == prior,
+                due.c.fired_at.is_(None),
+                ~exists().where(
+                    survivor_due.c.patient_key == surviving,
+                    survivor_due.c.due_at == due.c.due_at,
+                    survivor_due.c.reason == due.c.reason,
+                ),
+            )
+            .values(patient_key=surviving)
+        )
+        self.merge_due_drop = delete(due).where(
+            due.c.patient_key == prior, due.c.fired_at.is_(None)
+        )
+        prior_patient = patients.alias("prior_patient")
+        self.merge_incomplete = (
+            update(patients)
+            .where(
+                patients.c.key == surviving,
+                exists().where(prior_patient.c.key == prior, prior_patient.c.record_incomplete),
+            )
+            .values(record_incomplete=True)
+        )
+
+        # --- facts ---
+        self.facts = (
+            select(facts.c.key, facts.c.kind, facts.c.data)
+            .where(facts.c.patient_key == p("patient_key"))
+            .order_by(facts.c.key)
+        )
+        fact_upsert = upsert(facts)
+        self.facts_put = prepare(
+            fact_upsert.on_conflict_do_update(
+                index_elements=[facts.c.patient_key, facts.c.key],
+                set_={
+                    "kind": fact_upsert.excluded.kind,
+                    "data": fact_upsert.excluded.data,
+                    "updated_at": fact_upsert.excluded.updated_at,
+                },
+            ),
+            "patient_key",
+            "key",
+            "kind",
+            "data",
+            "updated_at",
+        )
+
+        # --- tasks ---
+        self._tasks_table = tasks
+        self.task_get = select(*(tasks.c[name] for name in _TASK_COLUMNS)).where(
+            tasks.c.identifier == p("identifier")
+        )
+        task_upsert = upsert(tasks)
+        changed = (
+            "patient_key",
+            "rule_id",
+            "rule_version",
+            "status",
+            "priority",
+            "owner",
+            "shadow",
+            "resource",
+            "updated_at",
+        )
+        # One atomic statement: a concurrent writer of the same Task cannot lose a version.
+        self.task_put = prepare(
+            task_upsert.on_conflict_do_update(
+                index_elements=[tasks.c.identifier],
+                set_={name: task_upsert.excluded[name] for name in changed}
+                | {"version": tasks.c.version + 1},
+            ).returning(tasks.c.version),
+            "identifier",
+            *changed,
+            "version",
+            "created_at",
+        )
+        self.history_add = insert(history)
+        self.history = (
+            select(*(history.c[name] for name in _TASK_COLUMNS))
+            .where(history.c.identifier == p("identifier"))
+            .order_by(history.c.version)
+        )
+        self._task_queries: dict[tuple[bool, bool, bool], Select[Any]] = {}
+        self._task_queries_lock = threading.Lock()
+
+        # --- timers ---
+        self.schedule = prepare(
+            upsert(due).on_conflict_do_nothing(
+                index_elements=[due.c.patient_key, due.c.due_at, due.c.reason]
+            ),
+            "patient_key",
+            "due_at",
+            "reason",
+            "fired_at",
+        )
+        self.due_timers = (
+            select(due.c.id, due.c.patient_key, due.c.due_at, due.c.reason)
+            .where(due.c.fired_at.is_(None), due.c.due_at <= p("until"))
+            .order_by(due.c.due_at, due.c.id)
+            .limit(p("limit", type_=Integer()))
+        )
+        self.next_due = select(func.min(due.c.due_at)).where(due.c.fired_at.is_(None))
+        self.mark_fired = update(due).where(due.c.id == p("p_id")).values(fired_at=p("p_at"))
+
+        # --- audit ---
+        self.audit = insert(audit)
+
+    def tasks(self, status: bool, owner: bool, patient_key: bool) -> Select[Any]:
+        """The Task search for one combination of filters (eight at most, each built once)."""
+        shape = (status, owner, patient_key)
+        query = self._task_queries.get(shape)
+        if query is None:
+            t = self._tasks_table
+            conditions = [
+                t.c[name] == bindparam(name)
+                for name, wanted in zip(("status", "owner", "patient_key"), shape, strict=True)
+                if wanted
+            ]
+            query = (
+                select(*(t.c[name] for name in _TASK_COLUMNS))
+                .where(*conditions)
+                .order_by(t.c.created_at, t.c.identifier)
+            )
+            with self._task_queries_lock:
+                self._task_queries[shape] = query
+        return query
+
+
+def _task(row: Sequence[Any]) -> StoredTask:
+    identifier, patient_key, rule_id, rule_version, status, priority, owner, resource = row[:8]
+    return StoredTask(
+        identifier=identifier,
+        patient_key=patient_key,
+        rule_id=rule_id,
+        rule_version=rule_version,
+        status=status,
+        priority=priority,
+        owner=owner,
+        resource=resource,
+        version=row[8],
+        shadow=bool(row[9]),
+    )
+
+
+class SqlUnitOfWork:
+    """The `UnitOfWork` port on one connection inside one open transaction.
+
+    Made by `SqlStore.begin()`; do not keep it past the `with` block, and do not share it
+    between threads (a connection is not thread-safe).
+    """
+
+    def __init__(
+        self, connection: Connection, statements: _Statements, now: Callable[[], datetime]
+    ) -> None:
+        self._conn = connection
+        self._sql = statements
+        self._now = now
+
+    @property
+    def connection(self) -> Connection:
+        """The underlying connection, for adapters that need a query the port lacks."""
+        return self._conn
+
+    def _run(self, statement: Executable, params: Any = None) -> Any:
+        return self._conn.execute(statement, params)
+
+    def _write(self, statement: _Prepared, values: Mapping[str, Any]) -> Any:
+        return self._conn.exec_driver_sql(statement.sql, statement.params(values))
+
+    def _write_many(self, statement: _Prepared, rows: Sequence[Mapping[str, Any]]) -> None:
+        self._conn.exec_driver_sql(statement.sql, [statement.params(row) for row in rows])
+
+    # --- inbox and quarantine ---
+    def add_to_inbox(self, message: InboundMessage) -> InboxEntry:
+        """Store a raw message, or report the stored copy if the same message came before.
+
+        Same sender, control id and content hash: the existing row, `duplicate=True`, nothing
+        written. Same sender and control id with other content: a new row, `control_id_reused`.
+        """
+        key = {"sender": message.sender, "control_id": message.control_id}
+        earlier = self._run(self._sql.inbox_same_control_id, key).all()
+        for inbox_id, content_hash, state in earlier:
+            if content_hash == message.content_hash:
+                return InboxEntry(id=inbox_id, duplicate=True, state=state)
+        new_id = self._write(
+            self._sql.inbox_insert,
+            {
+                **key,
+                "content_hash": message.content_hash,
+                "received_at": message.received_at,
+                "protocol": message.protocol,
+                "message_type": message.message_type,
+                "origin": message.origin,
+                "raw": message.raw,
+                "state": "received",
+                "detail": "",
+                "processed_at": None,
+            },
+        ).scalar()
+        if new_id is None:
+            # Another transaction stored the same message between our look and our insert.
+            found = self._run(
+                self._sql.inbox_find, {**key, "content_hash": message.content_hash}
+            ).one()
+            return InboxEntry(id=found[0], duplicate=True, state=found[1])
+        return InboxEntry(id=new_id, control_id_reused=bool(earlier), state="received")
+
+    def set_inbox_state(self, inbox_id: int, state: str, detail: str = "") -> None:
+        """Record what became of a message; `processed_at` is the store's clock now."""
+        self._run(
+            self._sql.inbox_set_state,
+            {"p_id": inbox_id, "p_state": state, "p_detail": detail, "p_at": self._now()},
+        )
+
+    def quarantine(
+        self,
+        inbox_id: int | None,
+        reason: str,
+        ack_code: str,
+        location: str = "",
+        detail: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> int:
+        """Keep a message for human review; returns the quarantine item's id."""
+        new_id: int = self._run(
+            self._sql.quarantine_insert,
+            {
+                "inbox_id": inbox_id,
+                "reason": reason,
+                "ack_code": ack_code,
+                "location": location,
+                "detail": dict(detail or {}),
+                "created_at": at if at is not None else self._now(),
+                "resolved_at": None,
+                "resolution": None,
+            },
+        ).scalar_one()
+        return new_id
+
+    # --- identity ---
+    def patients_for(self, tokens: Sequence[str]) -> dict[str, str]:
+        """Map each known identifier token to its current patient key; unknown ones are left
+        out."""
+        if not tokens:
+            return {}
+        rows = self._run(self._sql.patients_for, {"tokens": list(set(tokens))})
+        return {token: key for token, key in rows}
+
+    def add_patient_aliases(self, patient_key: str, tokens: Sequence[str]) -> None:
+        """Record that these tokens name this patient, creating the patient if new.
+
+        A token already naming a patient keeps pointing where it did: moving it is
+        `merge_patients`' job, never a side effect of a message that disagrees.
+        """
+        self._ensure_patient(patient_key)
+        unique = list(dict.fromkeys(tokens))
+        if unique:
+            self._write_many(
+                self._sql.alias_add,
+                [{"token": token, "patient_key": patient_key} for token in unique],
+            )
+
+    def _ensure_patient(self, patient_key: str) -> None:
+        self._write(
+            self._sql.patient_ensure,
+            {"key": patient_key, "created_at": self._now(), "record_incomplete": False},
+        )
+
+    def merge_patients(self, prior_key: str, surviving_key: str) -> None:
+        """Move the prior patient's aliases, orders, facts, open Tasks and unfired timers to the
+        survivor; the prior key becomes the alias token `patient-key|<prior>`.
+
+        On a clash the survivor's fact or timer wins; closed Tasks and fired timers stay where
+        they were, as history. A prior "record incomplete" mark carries over (fail closed).
+        """
+        if prior_key == surviving_key:
+            return
+        self._ensure_patient(surviving_key)
+        keys = {"p_prior": prior_key, "p_surviving": surviving_key}
+        for statement in (
+            self._sql.merge_aliases,
+            self._sql.merge_orders,
+            self._sql.merge_facts_move,
+            self._sql.merge_facts_drop,
+            self._sql.merge_tasks,
+            self._sql.merge_due_move,
+            self._sql.merge_due_drop,
+            self._sql.merge_incomplete,
+        ):
+            self._run(statement, keys)
+        self._write(
+            self._sql.alias_repoint,
+            {"token": MERGED_KEY_PREFIX + prior_key, "patient_key": surviving_key},
+        )
+
+    def order_for(self, tokens: Sequence[str]) -> tuple[str, str] | None:
+        """(order key, patient key) for the first of `tokens` that names a known order."""
+        if not tokens:
+            return None
+        found = {
+            token: (order_key, patient_key)
+            for token, order_key, patient_key in self._run(
+                self._sql.order_for, {"tokens": list(set(tokens))}
+            )
+        }
+        for token in tokens:
+            if token in found:
+                return found[token]
+        return None
+
+    def add_order_aliases(self, order_key: str, patient_key: str, tokens: Sequence[str]) -> None:
+        """Record that these placer/filler tokens name this order; known tokens are kept."""
+        unique = list(dict.fromkeys(tokens))
+        if unique:
+            self._write_many(
+                self._sql.order_add,
+                [
+                    {"token": token, "order_key": order_key, "patient_key": patient_key}
+                    for token in unique
+                ],
+            )
+
+    # --- facts ---
+    def facts(self, patient_key: str) -> list[Fact]:
+        """Every current fact of one patient, by key."""
+        rows = self._run(self._sql.facts, {"patient_key": patient_key})
+        return [Fact(key=key, kind=kind, data=data) for key, kind, data in rows]
+
+    def put_facts(self, patient_key: str, facts: Sequence[Fact]) -> None:
+        """Insert or replace facts by key (the last of several with one key wins)."""
+        if not facts:
+            return
+        now = self._now()
+        by_key = {
+            fact.key: {
+                "patient_key": patient_key,
+                "key": fact.key,
+                "kind": fact.kind,
+                "data": dict(fact.data),
+                "updated_at": now,
+            }
+            for fact in facts
+        }
+        self._write_many(self._sql.facts_put, list(by_key.values()))
+
+    # --- tasks ---
+    def get_task(self, identifier: str) -> StoredTask | None:
+        """The current state of one Task, or None."""
+        row = self._run(self._sql.task_get, {"identifier": identifier}).first()
+        return None if row is None else _task(row)
+
+    def put_task(self, task: StoredTask, at: datetime, reason: str) -> StoredTask:
+        """Insert (version 1) or replace (version + 1) a Task and append that state to its
+        history; returns the Task with the version stored. `task.version` is ignored."""
+        resource = dict(task.resource)
+        columns = {
+            "identifier": task.identifier,
+            "patient_key": task.patient_key,
+            "rule_id": task.rule_id,
+            "rule_version": task.rule_version,
+            "status": task.status,
+            "priority": task.priority,
+            "owner": task.owner,
+            "shadow": task.shadow,
+            "resource": resource,
+        }
+        version: int = self._write(
+            self._sql.task_put, {**columns, "version": 1, "created_at": at, "updated_at": at}
+        ).scalar_one()
+        self._run(
+            self._sql.history_add,
+            {**columns, "version": version, "changed_at": at, "reason": reason},
+        )
+        return StoredTask(
+            identifier=task.identifier,
+            patient_key=task.patient_key,
+            rule_id=task.rule_id,
+            rule_version=task.rule_version,
+            status=task.status,
+            priority=task.priority,
+            owner=task.owner,
+            resource=resource,
+            version=version,
+            shadow=task.shadow,
+        )
+
+    def tasks(
+        self,
+        status: str | None = None,
+        owner: str | None = None,
+        patient_key: str | None = None,
+    ) -> list[StoredTask]:
+        """Current Tasks matching every filter given, oldest (created) first."""
+        query = self._sql.tasks(status is not None, owner is not None, patient_key is not None)
+        params = {
+            name: value
+            for name, value in (("status", status), ("owner", owner), ("patient_key", patient_key))
+            if value is not None
+        }
+        return [_task(row) for row in self._run(query, params)]
+
+    def task_history(self, identifier: str) -> list[StoredTask]:
+        """Every recorded state of one Task, version 1 first."""
+        return [_task(row) for row in self._run(self._sql.history, {"identifier": identifier})]
+
+    # --- timers ---
+    def schedule(self, patient_key: str, due_at: datetime, reason: str) -> None:
+        """Ask for the patient to be evaluated again at `due_at`; asking twice changes nothing."""
+        self._write(
+            self._sql.schedule,
+            {"patient_key": patient_key, "due_at": due_at, "reason": reason, "fired_at": None},
+        )
+
+    def due_timers(self, until: datetime, limit: int = 1000) -> list[DueTimer]:
+        """Unfired timers due at or before `until`, earliest first (ties by id), at most
+        `limit`."""
+        rows = self._run(self._sql.due_timers, {"until": until, "limit": limit})
+        return [
+            DueTimer(id=timer_id, patient_key=patient_key, due_at=due_at, reason=reason)
+            for timer_id, patient_key, due_at, reason in rows
+        ]
+
+    def next_due(self) -> datetime | None:
+        """When the earliest unfired timer is due, or None when none is waiting."""
+        due_at: datetime | None = self._run(self._sql.next_due).scalar()
+        return due_at
+
+    def mark_fired(self, timer_id: int, at: datetime) -> None:
+        """Record that a timer has been acted on; it is then never returned as due again."""
+        self._run(self._sql.mark_fired, {"p_id": timer_id, "p_at": at})
+
+    # --- audit ---
+    def audit(
+        self,
+        at: datetime,
+        actor: str,
+        action: str,
+        subject: str = "",
+        detail: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append one entry to the audit trail. Never pass patient data in `detail`."""
+        self._run(
+            self._sql.audit,
+            {
+                "at": at,
+                "actor": actor,
+                "action": action,
+                "subject": subject,
+                "detail": dict(detail or {}),
+            },
+        )
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested transaction (SAVEPOINT): an exception inside undoes only the work inside
+        it and is re-raised; the outer unit of work carries on if the caller catches it."""
+        with self._conn.begin_nested():
+            yield
+
+
+class SqlStore:
+    """The `Store` port on a SQLAlchemy engine. Make it with `open_store`, which migrates."""
+
+    def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
+        self._engine = engine
+        self._now: Callable[[], datetime] = clock.now if clock is not None else _wall_clock
+        self._statements = _Statements(engine.dialect)
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine (for tooling and tests; the engine layer never sees it)."""
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """`"sqlite"` or `"postgresql"`."""
+        return self._engine.dialect.name
+
+    @contextmanager
+    def begin(self, *, read_only: bool = False) -> Iterator[SqlUnitOfWork]:
+        """One unit of work: one connection, one transaction, committed when the block ends
+        and rolled back if it raises.
+
+        `read_only=True` takes no write lock (SQLite: deferred `BEGIN`, so it never waits for a
+        writer) and refuses writes on both backends; use it for searches and reports.
+        """
+        with self._engine.connect() as connection:
+            if read_only:
+                connection.execution_options(**{_READ_ONLY: True})
+                if self.dialect == "postgresql":
+                    connection.execution_options(postgresql_readonly=True)
+            with connection.begin():
+                yield SqlUnitOfWork(connection, self._statements, self._now)
+
+    def close(self) -> None:
+        """Close every pooled connection. The store is unusable afterwards."""
+        self._engine.dispose()
+
+
+def _engine_url(url: str) -> URL:
+    parsed = make_url(url)
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres") and driver in ("", "psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        return parsed
+    raise ValueError(
+        f"unsupported database URL scheme {parsed.drivername!r}: use sqlite:///path.db, "
+        "sqlite:// (in memory) or postgresql+psycopg://"
+    )
+
+
+def _sqlite_engine(url: URL, busy_timeout_ms: int) -> Engine:
+    in_memory = url.database in (None, "", ":memory:")
+    engine = create_engine(
+        url,
+        # The pool hands a connection to one thread at a time; pysqlite's own check would
+        # refuse the second thread that borrows it.
+        connect_args={"check_same_thread": False},
+        # An in-memory database lives only as long as its one connection: share that one.
+        **({"poolclass": StaticPool} if in_memory else {}),
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        # Leave transactions to us (the documented pysqlite recipe): pysqlite's own implicit
+        # BEGIN is deferred and breaks SAVEPOINT.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(_READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+            connection.exec_driver_sql("PRAGMA query_only = ON")
+            connection.info[_READ_ONLY] = True
+        else:
+            # Take the write lock now: a deferred transaction that reads and then writes can
+            # fail with SQLITE_BUSY at once, whatever the busy timeout.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine, "checkin")
+    def _reset(dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        if dbapi_connection is not None and record.info.pop(_READ_ONLY, False):
+            dbapi_connection.execute("PRAGMA query_only = OFF")
+
+    return engine
+
+
+def _migrate(engine: Engine) -> None:
+    config = Config()
+    # ConfigParser interpolation would read a "%" in the install path as a placeholder.
+    config.set_main_option("script_location", str(MIGRATIONS).replace("%", "%%"))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": _MIGRATION_LOCK_ID}
+            )
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def open_store(
+    url: str,
+    *,
+    clock: Clock | None = None,
+    busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+) -> SqlStore:
+    """Connect to `url`, migrate the schema to the latest revision, and return the store.
+
+    `url`: `sqlite:///path.db`, `sqlite://` (in memory: one shared connection, for tests and
+    single-threaded tools only), or `postgresql+psycopg://...` (`postgresql://` is taken to
+    mean psycopg 3). `clock` stamps the times the port does not pass in (`processed_at`,
+    `updated_at` of facts, `created_at` of patients); the wall clock by default, a simulated
+    clock for replay. Migrating a database already at the latest revision changes nothing.
+    """
+    parsed = _engine_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = _sqlite_engine(parsed, busy_timeout_ms)
+    else:
+        engine = create_engine(parsed)
+    try:
+        _migrate(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    return SqlStore(engine, clock=clock)

@@ -1,0 +1,41 @@
+"""Exceptions of the engine layer.
+
+    EngineError                      root: anything the engine refuses to do
+     +-- ConfigurationError          a rule folder or settings file is wrong (names the file)
+     +-- RuleEvaluationError         the rule core could not evaluate a patient: fail closed,
+     |                               the message stays unprocessed and a review item is kept
+     +-- IdentityError               identifiers that cannot be resolved safely to one patient
+     +-- LinkError                   a result that cannot be linked to an order or a patient
+
+Foreign exceptions (durable_rules, TOML parsing) are translated at the module that meets them.
+Each error carries `ack_code` ("AE": the content is wrong or cannot be acted on safely).
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Root of the engine's exceptions."""
+
+    ack_code = "AE"
+
+    def __init__(self, reason: str, location: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.location = location
+
+
+class ConfigurationError(EngineError):
+    """A rule folder, rule.toml, case file or settings file is invalid."""
+
+
+class RuleEvaluationError(EngineError):
+    """The rule core could not evaluate; never read as "no task"."""
+
+
+class IdentityError(EngineError):
+    """The message's identifiers name different known patients."""
+
+
+class LinkError(EngineError):
+    """A result names no known order and carries no patient to attach it to."""

@@ -1,0 +1,238 @@
+"""The rule core: durable_rules used as a pure, stateless evaluator.
+
+This is the only module that imports durable_rules. Its hazards are measured in
+shared/reference/durable-rules.md; this module applies section 7 of that report:
+
+- one Host per RuleCore whose background threads never start (`_SyncHost`);
+- one throw-away session per evaluation, built in ONE batch from the patient's complete facts,
+  so `none()` sees the final set and nothing fires early;
+- short per-evaluation ids (`f0`, `f1`, ...) checked against each other's 32-bit FNV-1a hashes
+  (and against the session id and `$pulse`) and re-keyed on a clash, because the engine
+  silently treats a colliding id as "already observed";
+- a `keep_` rule every fact matches and whose join never completes, so the engine stores every
+  fact and `len(get_facts) == len(batch)` proves nothing was dropped;
+- a `close_` rule that fires once per session, so `delete_state` never frees uninitialised
+  pointers (a crash path on some heaps);
+- action exceptions captured and raised (the engine would swallow them); a bound on facts per
+  evaluation and on properties per fact (fail closed).
+
+Negation: `none()` is NOT re-exported. Measured here (tests/test_rulecore.py), it resolves
+references to earlier facts against the wrong fact, so it blocks when it should not and lets
+through what it should block. A rule states a negation as a variant named `<name>!unless-<why>`
+whose matches cancel those of `<name>` that agree with them on every alias both share; the
+subtraction happens here, in plain Python, after the engine has fired.
+
+Rules are written with durable_rules' own language, re-exported here (`m`, `c`, `when_all`,
+`when_any`), so rule folders never import durable_rules themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from durable import engine as _dr_engine
+from durable.lang import c, m, when_all, when_any
+
+from engine.errors import RuleEvaluationError
+
+__all__ = [
+    "Match",
+    "RuleCore",
+    "c",
+    "engine_hash",
+    "m",
+    "when_all",
+    "when_any",
+]
+
+UNLESS = "!unless"
+# Operators measured to give wrong answers (see module docstring); refused in definitions.
+_FORBIDDEN = frozenset({"$or", "$not", "$any"})
+MAX_FACTS = 5000
+MAX_PROPERTIES = 200
+SLOW_ACTION_SECONDS = 2.0
+_SCALARS = (str, int, float, bool)
+
+
+def engine_hash(text: str) -> int:
+    """The engine's 32-bit id hash (state.c `fnv1Hash32`: FNV-1a order over signed chars)."""
+    h = 0x811C9DC5
+    for b in text.encode("utf-8"):
+        h = ((h ^ ((b - 256) & 0xFFFFFFFF if b > 127 else b)) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One firing of one rule: which rule (and variant) and the facts it matched, by alias.
+
+    `facts` maps each alias in the rule (`d`, `o`, `r`...) to the caller's id of that fact.
+    """
+
+    rule: str
+    facts: Mapping[str, str]
+
+
+def _operators(node: Any) -> set[str]:
+    """Every key (operator or alias) used anywhere in a rule definition."""
+    found: set[str] = set()
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            if key != "run":
+                # "m_1$not" (a none()) counts as "$not"; "$or" as itself.
+                found.add("$" + key.rsplit("$", 1)[-1] if "$" in key[1:] else key)
+                found |= _operators(value)
+    elif isinstance(node, list):
+        for item in node:
+            found |= _operators(item)
+    return found
+
+
+def _subtract_unless(matches: Sequence[Match]) -> list[Match]:
+    """The matches of plain variants, less those cancelled by an `!unless` variant's match
+    that binds the same facts to every alias the two share."""
+    cancels: dict[str, list[Match]] = {}
+    for match in matches:
+        if UNLESS in match.rule:
+            cancels.setdefault(match.rule.split(UNLESS, 1)[0], []).append(match)
+    kept = []
+    for match in matches:
+        if UNLESS in match.rule:
+            continue
+        cancelled = False
+        for cancel in cancels.get(match.rule, ()):
+            shared = match.facts.keys() & cancel.facts.keys()
+            if not shared:
+                raise RuleEvaluationError(f"{cancel.rule} shares no alias with {match.rule}")
+            if all(match.facts[a] == cancel.facts[a] for a in shared):
+                cancelled = True
+                break
+        if not cancelled:
+            kept.append(match)
+    return kept
+
+
+class _SyncHost(_dr_engine.Host):  # type: ignore[misc]
+    def _run(self) -> None:
+        # No dispatch or timer threads: nothing walks the session table behind our back.
+        return None
+
+
+class RuleCore:
+    """Evaluates named durable_rules definitions over one patient's facts at a time.
+
+    Not thread-safe, and holds no patient state between calls. Build one per process (the
+    engine registers rulesets in a process-wide table that is never freed).
+    """
+
+    _names = itertools.count(1)
+
+    def __init__(
+        self,
+        definitions: Mapping[str, Mapping[str, Any]],
+        max_facts: int = MAX_FACTS,
+    ) -> None:
+        """`definitions` maps a unique rule name to a durable_rules definition without
+        its action (e.g. `when_all(...).define()`); the core supplies the action."""
+        self._out: list[Match] = []
+        self._errors: list[str] = []
+        self._max_facts = max_facts
+        self._evaluations = 0
+        self._ruleset = f"safetynet{next(self._names)}"
+        rules: dict[str, Any] = {}
+        for name, definition in definitions.items():
+            if name.endswith("_") or "$" in name:
+                raise RuleEvaluationError(f"rule name {name!r} is reserved")
+            forbidden = _FORBIDDEN & _operators(definition)
+            if forbidden:
+                raise RuleEvaluationError(
+                    f"rule {name!r} uses {sorted(forbidden)}, which durable_rules 2.0.28 "
+                    "evaluates wrongly: use flags on facts and '!unless' variants"
+                )
+            base = name.split(UNLESS, 1)[0]
+            if base != name and base not in definitions:
+                raise RuleEvaluationError(f"{name!r} cancels matches of {base!r}, which is not defined")
+            rule = {k: v for k, v in definition.items() if k != "run"}
+            rule["run"] = self._action(name)
+            rules[name] = rule
+        rules["keep_"] = {
+            "all": [{"m": {"keep_": 1}}, {"n": {"never_": 1}}],
+            "run": lambda _c: None,
+        }
+        rules["close_"] = {"all": [{"m": {"$and": [{"close_": 1}, {"$s": 1}]}}], "run": self._close}
+        try:
+            self._host = _SyncHost({self._ruleset: rules})
+        except Exception as exc:  # the engine raises bare Exception for bad definitions
+            raise RuleEvaluationError(f"rule definitions rejected by the engine: {exc}") from exc
+
+    @staticmethod
+    def _close(closure: Any) -> None:
+        closure.s["close_"] = None  # else the state update would re-fire this rule for ever
+
+    def _action(self, name: str) -> Callable[[Any], None]:
+        def run(closure: Any) -> None:
+            started = time.monotonic()
+            try:
+                matched = closure._m or {}
+                self._out.append(
+                    Match(name, {alias: str(f["src_id"]) for alias, f in matched.items()})
+                )
+            except BaseException as exc:  # the engine would swallow it
+                self._errors.append(f"{name}: {exc!r}")
+            if time.monotonic() - started > SLOW_ACTION_SECONDS:
+                self._errors.append(f"{name}: slow action")
+
+        return run
+
+    def evaluate(self, facts: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Match]:
+        """Evaluate every rule over one patient's complete fact set.
+
+        `facts` is a sequence of (caller id, fact) pairs; only scalar properties reach the
+        engine. Returns the matches in firing order. Raises RuleEvaluationError, never
+        returns a partial answer.
+        """
+        if len(facts) > self._max_facts:
+            raise RuleEvaluationError(
+                f"working-memory bound: {len(facts)} facts exceed {self._max_facts}"
+            )
+        self._evaluations += 1
+        sid = f"e{self._evaluations}"
+        used = {engine_hash("sid-" + sid), engine_hash("$pulse")}
+        batch: list[dict[str, Any]] = []
+        for i, (src_id, fact) in enumerate(facts):
+            eid, k = f"f{i}", 0
+            while engine_hash(eid) in used:  # re-key on a 32-bit clash
+                k += 1
+                eid = f"f{i}.{k}"
+            used.add(engine_hash(eid))
+            props = {key: v for key, v in fact.items() if isinstance(v, _SCALARS)}
+            if len(props) > MAX_PROPERTIES:
+                raise RuleEvaluationError(f"fact {src_id} has {len(props)} properties")
+            props.update(src_id=src_id, id=eid, sid=sid, keep_=1)
+            batch.append(props)
+        self._out.clear()
+        self._errors.clear()
+        try:
+            if batch:
+                self._host.assert_facts(self._ruleset, batch)
+                kept = sum(
+                    1 for f in self._host.get_facts(self._ruleset, sid) if f.get("keep_") == 1
+                )
+                if kept != len(batch):
+                    raise RuleEvaluationError(f"engine kept {kept} of {len(batch)} facts")
+        except RuleEvaluationError:
+            raise
+        except Exception as exc:  # MessageObserved/NotHandled and engine error codes
+            raise RuleEvaluationError(f"rule engine error: {exc!r}") from exc
+        finally:
+            try:
+                self._host.update_state(self._ruleset, {"sid": sid, "id": "sid-" + sid, "close_": 1})
+            finally:
+                self._host.delete_state(self._ruleset, sid)
+        if self._errors:
+            raise RuleEvaluationError("rule action failed: " + "; ".join(self._errors[:3]))
+        return _subtract_unless(self._out)

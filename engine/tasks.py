@@ -1,0 +1,206 @@
+"""Recall Tasks as the engine decides them, and the plain-English helpers rules write them with.
+
+A `RecallTask` is wire-free: `adapters.fhir.task` renders it as a FHIR R4 Task. Its identifier
+is deterministic: a hash of the rule id, the order key and the trigger (never the patient key,
+which a merge can change), so re-evaluating the same history raises the same Task again and
+the store sees nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from engine.catalogue import Rule, Site
+from engine.events import Clinician
+from engine.facts import from_epoch
+
+PRIORITIES = ("routine", "urgent", "asap", "stat")
+
+
+def task_identifier(rule_id: str, order_key: str, trigger: str) -> str:
+    """The deterministic identifier of the Task `rule_id` raises for `order_key` on `trigger`."""
+    digest = hashlib.sha256(f"{rule_id}\x1f{order_key}\x1f{trigger}".encode()).hexdigest()
+    return f"{rule_id}-{digest[:20]}"
+
+
+@dataclass(frozen=True, slots=True)
+class OrderFocus:
+    """The order a Task is about (FHIR: a contained ServiceRequest)."""
+
+    placer: str
+    placer_ns: str
+    filler: str
+    filler_ns: str
+    code: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecallTask:
+    """A recall or review Task decided by a rule."""
+
+    identifier: str
+    rule_id: str
+    rule_title: str
+    rule_version: str
+    rule_uri: str
+    priority: str
+    description: str
+    reason: str
+    owner: Clinician
+    owner_is_pool: bool
+    patient_system: str
+    patient_value: str
+    patient_is_nhs: bool
+    encounter: str
+    focus: OrderFocus
+    authored_on: datetime
+    deadline: datetime
+    part_of: str | None = None
+    shadow: bool = False
+    status: str = "requested"
+
+
+@dataclass(frozen=True)
+class RuleMatch:
+    """What `recall_task()` of a rule gets: the matched facts by alias, the patient's whole
+    working memory, the rule (with its parameters) and the site settings."""
+
+    variant: str
+    facts: Mapping[str, Mapping[str, Any]]
+    memory: Sequence[tuple[str, Mapping[str, Any]]]
+    rule: Rule
+    site: Site
+
+    @property
+    def p(self) -> dict[str, Any]:
+        """The rule's parameter values."""
+        return self.rule.params
+
+    def of_kind(self, kind: str) -> list[Mapping[str, Any]]:
+        """Every fact of one kind in the patient's working memory."""
+        return [f for _, f in self.memory if f.get("kind") == kind]
+
+    def patient(self) -> Mapping[str, Any]:
+        """The patient fact (empty if none is known)."""
+        found = self.of_kind("patient")
+        return found[0] if found else {}
+
+    def task(
+        self,
+        *,
+        order: Mapping[str, Any],
+        trigger: str,
+        priority: str,
+        description: str,
+        reason: str,
+        owner: tuple[Clinician, bool],
+        encounter: str,
+        authored_on: datetime,
+        deadline: datetime,
+        part_of: str | None = None,
+    ) -> RecallTask:
+        """Assemble a RecallTask for this rule, with its deterministic identifier."""
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority {priority!r} is not one of {PRIORITIES}")
+        patient = self.patient()
+        rule = self.rule
+        return RecallTask(
+            identifier=task_identifier(rule.id, str(order["okey"]), trigger),
+            rule_id=rule.id,
+            rule_title=rule.title,
+            rule_version=rule.version,
+            rule_uri=rule.uri,
+            priority=priority,
+            description=description,
+            reason=reason,
+            owner=owner[0],
+            owner_is_pool=owner[1],
+            patient_system=str(patient.get("id_system", "")),
+            patient_value=str(patient.get("id_value", "")),
+            patient_is_nhs=bool(patient.get("id_nhs", False)),
+            encounter=encounter,
+            focus=OrderFocus(
+                placer=str(order.get("placer", "")),
+                placer_ns=str(order.get("placer_ns", "")),
+                filler=str(order.get("filler", "")),
+                filler_ns=str(order.get("filler_ns", "")),
+                code=str(order.get("code", "")),
+                name=str(order.get("name", "")),
+            ),
+            authored_on=authored_on,
+            deadline=deadline,
+            part_of=part_of,
+            shadow=rule.status == "shadow",
+        )
+
+
+def responsible_clinician(
+    site: Site, *facts: Mapping[str, Any], roles: Sequence[str] = ("attending", "orderer")
+) -> tuple[Clinician, bool]:
+    """The first clinician named in `facts` under `roles`, in order (by default the attending
+    on the discharge, then the ordering clinician); failing all, the site's pool.
+    Returns (clinician, is_pool): a Task is never ownerless."""
+    for role in roles:
+        for fact in facts:
+            ident = str(fact.get(f"{role}_id", ""))
+            if ident:
+                return (
+                    Clinician(ident, str(fact.get(f"{role}_name", "")),
+                              str(fact.get(f"{role}_auth", ""))),
+                    False,
+                )
+    return site.pool, True
+
+
+def local_time(seconds: int, site: Site) -> datetime:
+    """Epoch seconds as an aware datetime in the site's time zone."""
+    return from_epoch(seconds).astimezone(site.timezone)
+
+
+def when(seconds: int, site: Site) -> str:
+    """A time as clinicians write it: "14:00 on 1 May 2008" (site time zone)."""
+    t = local_time(seconds, site)
+    return f"{t:%H:%M} on {t.day} {t:%B %Y}"
+
+
+def age_phrase(age_days: int, age_months: int) -> str:
+    """"3-day-old", "7-week-old", "18-month-old", "5-year-old"; "" when unknown.
+
+    Infants are described in weeks (from 2 weeks to 1 year), newborns in days."""
+    if age_days < 0:
+        return ""
+    if age_days < 14:
+        return f"{age_days}-day-old"
+    if age_months < 12:
+        return f"{age_days // 7}-week-old"
+    if age_months < 24:
+        return f"{age_months}-month-old"
+    return f"{age_months // 12}-year-old"
+
+
+def person(sex: str, age_months: int) -> str:
+    """"boy", "girl", "man", "woman", or "child"/"patient" when sex is not known."""
+    child = 0 <= age_months < 18 * 12
+    if sex == "M":
+        return "boy" if child else "man"
+    if sex == "F":
+        return "girl" if child else "woman"
+    return "child" if child else "patient"
+
+
+def who(discharge: Mapping[str, Any], patient: Mapping[str, Any]) -> str:
+    """"7-week-old boy" (or "patient" when age and sex are unknown)."""
+    months = int(discharge.get("age_months", -1))
+    age = age_phrase(int(discharge.get("age_days", -1)), months)
+    noun = person(str(patient.get("sex", "")), months)
+    return f"{age} {noun}" if age else noun
+
+
+def plus_hours(seconds: int, hours: float, site: Site) -> datetime:
+    """`seconds` + `hours`, as an aware datetime in the site's time zone."""
+    return local_time(seconds, site) + timedelta(hours=hours)
