@@ -188,6 +188,21 @@ class RuleCore:
 
         return run
 
+    @staticmethod
+    def _engine_ids(count: int, sid: str) -> list[str]:
+        """Short ids `f0..fN` whose 32-bit hashes clash with none of the others, the session
+        id or `$pulse` (the engine treats a clash as "already observed")."""
+        used = {engine_hash("sid-" + sid), engine_hash("$pulse")}
+        ids = []
+        for i in range(count):
+            eid, k = f"f{i}", 0
+            while engine_hash(eid) in used:
+                k += 1
+                eid = f"f{i}.{k}"
+            used.add(engine_hash(eid))
+            ids.append(eid)
+        return ids
+
     def evaluate(self, facts: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Match]:
         """Evaluate every rule over one patient's complete fact set.
 
@@ -201,14 +216,8 @@ class RuleCore:
             )
         self._evaluations += 1
         sid = f"e{self._evaluations}"
-        used = {engine_hash("sid-" + sid), engine_hash("$pulse")}
         batch: list[dict[str, Any]] = []
-        for i, (src_id, fact) in enumerate(facts):
-            eid, k = f"f{i}", 0
-            while engine_hash(eid) in used:  # re-key on a 32-bit clash
-                k += 1
-                eid = f"f{i}.{k}"
-            used.add(engine_hash(eid))
+        for eid, (src_id, fact) in zip(self._engine_ids(len(facts), sid), facts, strict=True):
             props = {key: v for key, v in fact.items() if isinstance(v, _SCALARS)}
             if len(props) > MAX_PROPERTIES:
                 raise RuleEvaluationError(f"fact {src_id} has {len(props)} properties")

@@ -23,13 +23,13 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
 from adapters.store import SqlStore, open_store
 from adapters.store.schema import metadata
 from adapters.store.sql import MIGRATIONS
 from engine.clock import SimulatedClock
-from engine.ports import Fact, InboundMessage, StoredTask
+from engine.ports import Fact, InboundMessage, Store, StoredTask, UnitOfWork
 
 PG_HOST = "127.0.0.1:5432"
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -222,6 +222,13 @@ def test_plain_postgresql_url_means_psycopg(pg_admin: tuple[Engine, str]) -> Non
                 uow.audit(T0, "test", "opened")
         finally:
             store.close()
+
+
+def test_sql_store_implements_the_ports(store: SqlStore) -> None:
+    port: Store = store  # checked by mypy: SqlStore and SqlUnitOfWork satisfy the protocols
+    with port.begin() as uow:
+        unit: UnitOfWork = uow
+        assert unit.patients_for(["none"]) == {}
 
 
 # --- inbox and quarantine --------------------------------------------------------------------
@@ -538,8 +545,11 @@ def test_times_come_back_as_utc_whatever_offset_went_in(store: SqlStore) -> None
 
 
 def test_naive_times_are_refused(store: SqlStore) -> None:
-    with pytest.raises(Exception, match="naive datetime"), store.begin() as uow:
-        uow.schedule("P1", datetime(2026, 1, 1, 9, 0), "r")  # naive on purpose
+    naive = datetime(2026, 1, 1, 9, 0)  # on purpose
+    with pytest.raises((ValueError, StatementError), match="naive datetime"), store.begin() as uow:
+        uow.schedule("P1", naive, "r")
+    with pytest.raises((ValueError, StatementError), match="naive datetime"), store.begin() as uow:
+        uow.due_timers(naive)
     with store.begin() as uow:
         assert uow.next_due() is None
 
@@ -658,3 +668,39 @@ def test_read_only_unit_of_work_refuses_writes(store: SqlStore) -> None:
         uow.add_patient_aliases("P1", ["mrn|1"])
     with store.begin(read_only=True) as uow:
         assert uow.patients_for(["mrn|1"]) == {"mrn|1": "P1"}
+
+
+def test_concurrent_redelivery_stores_the_message_once(store: SqlStore, database_url: str) -> None:
+    other = open_store(database_url)
+    seen: dict[str, Any] = {}
+
+    def redeliver() -> None:
+        with other.begin() as uow:
+            seen["entry"] = uow.add_to_inbox(message())
+
+    try:
+        with store.begin() as uow:
+            first = uow.add_to_inbox(message())
+            thread = threading.Thread(target=redeliver)
+            thread.start()
+            time.sleep(0.3)  # the redelivery is now blocked behind our uncommitted row
+        thread.join(10)
+        assert seen["entry"].duplicate and seen["entry"].id == first.id
+        assert scalar(store, "SELECT count(*) FROM inbox") == 1
+    finally:
+        other.close()
+
+
+def test_sqlite_writer_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    holder, waiter = open_store(url), open_store(url, busy_timeout_ms=100)
+    try:
+        with holder.begin() as uow:
+            uow.audit(T0, "test", "holding the write lock")
+            started = time.monotonic()
+            with pytest.raises(DBAPIError, match="locked"), waiter.begin() as blocked:
+                blocked.audit(T0, "test", "never written")
+            assert time.monotonic() - started < 5
+    finally:
+        holder.close()
+        waiter.close()

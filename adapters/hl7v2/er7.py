@@ -568,8 +568,7 @@ def split_messages(data: str | bytes) -> list[str | Hl7ReadError]:
     ``cat``, captured streams), are dropped; FHS/BHS/BTS/FTS batch envelope segments are dropped
     (they are not messages). Each item is one message's text (segments joined by CR), to pass to
     ``read_message``, or an Hl7ReadError (AR) standing for lines that belong to no message
-    (garbage before the first MSH). Never raises
-    anything but Hl7ReadError.
+    (garbage before the first MSH). Never raises anything but Hl7ReadError.
     """
     try:
         return _split(data)

@@ -1,9 +1,9 @@
 """`SqlStore`: the engine's `Store` port on SQLAlchemy 2 Core, for SQLite and PostgreSQL.
 
 One `SqlUnitOfWork` is one connection in one transaction. Statements are built once per store
-(SQLAlchemy then caches their compiled form), rows are read positionally and nothing is
-reflected at run time, because replay calls these methods several times per message at
-thousands of messages a second.
+(SQLAlchemy then caches their compiled form; the ON CONFLICT upserts, which it cannot cache, are
+compiled once by `_Prepared`), rows are read positionally and nothing is reflected at run time,
+because replay calls these methods several times per message at thousands of messages a second.
 
 SQLite runs in WAL mode with `synchronous=FULL`; every writing unit of work starts with
 `BEGIN IMMEDIATE`, so concurrent writers queue on the busy timeout instead of failing half-way
@@ -122,9 +122,10 @@ class _Prepared:
     """An INSERT ... ON CONFLICT compiled once for one dialect, run with `exec_driver_sql`.
 
     SQLAlchemy 2.0 cannot cache its dialect-specific ON CONFLICT constructs (their
-    `inherit_cache` is False), so executing one directly compiles it again on every call: about
-    half of the store's time in a replay. Here only the bound values' type processing (JSON,
-    UTC times, booleans) runs per call. `keys` are the parameters every call supplies.
+    `inherit_cache` is False), so executing one directly compiles it again on every call
+    (measured here: put_facts + facts + put_task went from 1.9k to 5.8k patients/s on SQLite
+    once compiled once). Here only the bound values' type processing (JSON, UTC times,
+    booleans) runs per call. `keys` are the parameters every call supplies.
     """
 
     __slots__ = ("_defaults", "_order", "_processors", "sql")

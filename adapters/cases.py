@@ -1,0 +1,309 @@
+"""Rule cases: scenarios a governance lead can read, run through the real engine.
+
+A case file (`rules/<id>/cases/*.toml`) is a timeline of clinical events for one patient and
+the Tasks expected at the end (none for a "no-recall" case):
+
+    description = "7-week-old discharged home while the skeletal survey was preliminary"
+    kind = "recall"                       # or "no-recall"
+    until = "2008-05-02T09:00:00+01:00"   # the clock at the end (due timers fire)
+
+    [patient]
+    birth = "2008-03-13"
+    sex = "M"
+    nhs_number = "9990000018"             # or mrn = "RX1000123"
+
+    [[events]]
+    at = "2008-05-01T11:30:00+01:00"
+    type = "registered"                   # see EVENT_TYPES
+    visit = "V1"
+    location = "PAEDED"
+    attending = "C1001"
+
+    [[expect]]
+    rule = "imaging-pending-at-discharge"
+    order = "ORD-1"
+    priority = "urgent"
+    owner = "C1001"
+
+The events are canonical events (engine.events), so a case says what happened clinically,
+not how a feed encoded it. Running a case uses a fresh in-memory database, the rules folder's
+own settings and the simulated clock, exactly as `safetynet replay` does.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from adapters.fhir.task import task_resource
+from adapters.store import open_store
+from engine.catalogue import Catalogue
+from engine.clock import SimulatedClock
+from engine.errors import ConfigurationError
+from engine.events import (
+    AdmissionCancelled,
+    Clinician,
+    DischargeCancelled,
+    Event,
+    ImagingOrdered,
+    OrderCancelled,
+    OrderRef,
+    Patient,
+    PatientAdmitted,
+    PatientDischarged,
+    PatientIdentifier,
+    PatientRegistered,
+    PatientTransferred,
+    ReportIssued,
+    SourceRef,
+    Visit,
+)
+from engine.ports import StoredTask
+from engine.processor import Processor
+
+EVENT_TYPES = (
+    "registered", "admitted", "transferred", "discharged", "discharge-cancelled",
+    "admission-cancelled", "ordered", "cancelled", "report",
+)
+KINDS = ("recall", "no-recall")
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """One Task a case expects."""
+
+    rule: str
+    order: str
+    priority: str | None = None
+    owner: str | None = None
+    part_of: str | None = None  # the rule whose Task this one is part of
+
+
+@dataclass(frozen=True)
+class Case:
+    """A parsed case file."""
+
+    path: Path
+    description: str
+    kind: str
+    until: datetime | None
+    events: tuple[Event, ...]
+    expect: tuple[Expectation, ...]
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """What running a case gave, and how it differs from what was expected."""
+
+    case: Case
+    tasks: tuple[StoredTask, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        """True when the Tasks raised are exactly the ones expected."""
+        return not self.problems
+
+
+def _time(value: Any, where: str) -> datetime:
+    if isinstance(value, datetime):
+        at = value
+    else:
+        try:
+            at = datetime.fromisoformat(str(value))
+        except ValueError as exc:
+            raise ConfigurationError(f"{where}: not an ISO-8601 time: {value!r}") from exc
+    if at.tzinfo is None:
+        raise ConfigurationError(f"{where}: time {value!r} needs a UTC offset")
+    return at
+
+
+def _clinician(ident: Any) -> Clinician | None:
+    return Clinician(str(ident), f"Dr {ident}", "GMC") if ident else None
+
+
+def build_event(row: Mapping[str, Any], patient: Patient, n: int, tz: ZoneInfo) -> Event:
+    """One canonical event from a case row (`type`, `at` and the type's fields)."""
+    kind = row.get("type")
+    where = f"event {n} ({kind})"
+    if kind not in EVENT_TYPES:
+        raise ConfigurationError(f"{where}: type must be one of {', '.join(EVENT_TYPES)}")
+    at = _time(row.get("at"), where)
+    common: dict[str, Any] = {
+        "source": SourceRef("case", f"case-{n}", str(kind)),
+        "occurred_at": at,
+        "received_at": at,
+        "patient": patient,
+        "encounter": str(row.get("visit", "")),
+    }
+    visit = Visit(
+        patient_class=str(row.get("class", "E")),
+        location=str(row.get("location", "")),
+        attending=_clinician(row.get("attending")),
+        disposition=str(row.get("disposition", "")),
+    )
+    order = OrderRef(placer=str(row.get("order", "")), placer_ns="RIS")
+    if kind == "registered":
+        return PatientRegistered(**common, visit=visit)
+    if kind == "admitted":
+        return PatientAdmitted(**common, visit=visit)
+    if kind == "transferred":
+        return PatientTransferred(**common, visit=visit)
+    if kind == "discharged":
+        return PatientDischarged(**common, visit=visit)
+    if kind == "discharge-cancelled":
+        return DischargeCancelled(**common)
+    if kind == "admission-cancelled":
+        return AdmissionCancelled(**common)
+    if not order.placer:
+        raise ConfigurationError(f"{where}: needs an order")
+    if kind == "ordered":
+        return ImagingOrdered(
+            **common, order=order, procedure_code=str(row.get("code", "")),
+            procedure_name=str(row.get("procedure", "")), section=str(row.get("section", "RAD")),
+            orderer=_clinician(row.get("orderer")),
+        )
+    if kind == "cancelled":
+        return OrderCancelled(**common, order=order, control="CA")
+    status = str(row.get("status", ""))
+    if status not in ("preliminary", "final", "corrected", "withdrawn"):
+        raise ConfigurationError(f"{where}: status must be preliminary, final, corrected or withdrawn")
+    return ReportIssued(
+        **common, order=order, status=status, flags=tuple(row.get("flags", ())),
+        procedure_name=str(row.get("procedure", "")), section=str(row.get("section", "RAD")),
+    )
+
+
+def case_patient(spec: Mapping[str, Any], tz: ZoneInfo) -> Patient:
+    """The case's patient: NHS number and/or MRN, birth date, sex."""
+    idents = []
+    if spec.get("nhs_number"):
+        idents.append(PatientIdentifier(str(spec["nhs_number"]), "NHS", "NH", is_nhs_number=True))
+    idents.append(PatientIdentifier(str(spec.get("mrn", "CASE-MRN")), "RX1", "MR"))
+    birth = spec.get("birth")
+    if isinstance(birth, str) and len(birth) == 10:
+        try:
+            birth = date.fromisoformat(birth)
+        except ValueError as exc:
+            raise ConfigurationError(f"patient.birth: not a date: {birth!r}") from exc
+    born = None
+    if isinstance(birth, date) and not isinstance(birth, datetime):
+        born = datetime.combine(birth, time(0), tz)
+    elif birth is not None:
+        born = _time(birth, "patient.birth")
+    return Patient(identifiers=tuple(idents), birth=born, sex=str(spec.get("sex", "")))
+
+
+def load_case(path: Path, tz: ZoneInfo) -> Case:
+    """Parse one case file; ConfigurationError names the file and the problem."""
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"{path}: {exc}") from exc
+    try:
+        kind = raw.get("kind")
+        if kind not in KINDS:
+            raise ConfigurationError(f"kind must be 'recall' or 'no-recall', not {kind!r}")
+        patient = case_patient(raw.get("patient", {}), tz)
+        events = tuple(
+            build_event(row, patient, n, tz) for n, row in enumerate(raw.get("events", []), 1)
+        )
+        expect = tuple(
+            Expectation(str(e["rule"]), str(e["order"]), e.get("priority"), e.get("owner"),
+                        e.get("part_of"))
+            for e in raw.get("expect", [])
+        )
+        if (kind == "recall") != bool(expect):
+            raise ConfigurationError(
+                "a 'recall' case expects at least one Task; a 'no-recall' case expects none"
+            )
+        until = _time(raw["until"], "until") if "until" in raw else None
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{path}: {exc.reason}") from exc
+    except KeyError as exc:
+        raise ConfigurationError(f"{path}: missing {exc}") from exc
+    return Case(path, str(raw.get("description", "")), kind, until, events, expect)
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
+
+
+def _describe(task: StoredTask) -> str:
+    return (f"{_a(task.priority)} Task from {task.rule_id} for order {_order_of(task)} "
+            f"owned by {task.owner}")
+
+
+def _order_of(task: StoredTask) -> str:
+    for ident in task.resource.get("contained", [{}])[0].get("identifier", []):
+        if ident.get("type", {}).get("coding", [{}])[0].get("code") == "PLAC":
+            return str(ident.get("value", ""))
+    return ""
+
+
+def run_case(case: Case, catalogue: Catalogue) -> CaseResult:
+    """Run a case through the real engine and compare the Tasks raised with those expected."""
+    clock = SimulatedClock()
+    store = open_store("sqlite://", clock=clock)
+    processor = Processor(catalogue, task_resource)
+    tasks: list[StoredTask] = []
+    try:
+        with store.begin() as uow:
+            for event in sorted(case.events, key=lambda e: e.occurred_at):
+                now = clock.advance(event.occurred_at)
+                tasks.extend(processor.fire_due(uow, now))
+                tasks.extend(processor.apply(uow, [event], now).tasks)
+            if case.until is not None:
+                clock.advance(case.until)
+            tasks.extend(processor.fire_due(uow, clock.now()))
+    finally:
+        store.close()
+    # A case speaks for its own rule (the folder it lives in) and the rules it names.
+    relevant = {case.path.parent.parent.name} | {e.rule for e in case.expect}
+    tasks = [t for t in tasks if t.rule_id in relevant]
+    return CaseResult(case, tuple(tasks), tuple(_compare(case.expect, tasks)))
+
+
+def _compare(expected: Sequence[Expectation], tasks: Sequence[StoredTask]) -> list[str]:
+    problems: list[str] = []
+    unmatched = list(tasks)
+    for exp in expected:
+        found = next(
+            (t for t in unmatched if t.rule_id == exp.rule and _order_of(t) == exp.order), None
+        )
+        if found is None:
+            what = f"{_a(exp.priority + ' Task') if exp.priority else 'a Task'} from {exp.rule}"
+            problems.append(f"expected {what} for order {exp.order}; none was raised")
+            continue
+        unmatched.remove(found)
+        if exp.priority and found.priority != exp.priority:
+            problems.append(
+                f"{exp.rule} for order {exp.order}: expected priority {exp.priority}, "
+                f"got {found.priority}"
+            )
+        if exp.owner and found.owner != exp.owner:
+            problems.append(
+                f"{exp.rule} for order {exp.order}: expected owner {exp.owner}, got {found.owner}"
+            )
+        if exp.part_of:
+            parents = [t for t in tasks if t.rule_id == exp.part_of and _order_of(t) == exp.order]
+            refs = {p["identifier"]["value"] for p in found.resource.get("partOf", [])}
+            if not parents or parents[0].identifier not in refs:
+                problems.append(
+                    f"{exp.rule} for order {exp.order}: expected it to be part of the "
+                    f"{exp.part_of} Task"
+                )
+    problems.extend(f"did not expect {_describe(t)}" for t in unmatched)
+    return problems
+
+
+def rule_cases(catalogue: Catalogue) -> dict[str, list[Path]]:
+    """Every rule's case files, by rule id."""
+    return {rule.id: sorted((rule.path / "cases").glob("*.toml")) for rule in catalogue.rules}
+
