@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from engine.catalogue import Catalogue, Rule
@@ -25,13 +25,14 @@ from engine.events import (
 )
 from engine.facts import by_key, project, working_memory
 from engine.identity import new_patient_key
-from engine.ports import StoredTask, UnitOfWork
+from engine.ports import Fact, StoredTask, UnitOfWork
 from engine.rulecore import RuleCore
 from engine.tasks import PRIORITIES, RecallTask, RuleMatch
 
 TaskRenderer = Callable[[RecallTask], Mapping[str, Any]]
 """Turns a decided Task into the resource stored and delivered (FHIR R4 Task JSON)."""
 
+_FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 _ORDER_EVENTS = (ImagingOrdered, OrderCancelled, OrderChanged, ReportIssued)
 
 
@@ -57,6 +58,7 @@ class Processor:
                 definitions[name] = definition
                 self._rules[name] = rule
         self._core = RuleCore(definitions)
+        self._next_due: datetime | None = None  # None: unknown, read the due table
 
     # --- identity -------------------------------------------------------------------------
 
@@ -103,34 +105,51 @@ class Processor:
 
         Raises IdentityError / LinkError (nothing should be written: call inside a
         savepoint) or RuleEvaluationError (fail closed: the message stays unprocessed)."""
-        touched: list[str] = []
+        touched: dict[str, dict[str, Fact]] = {}
         for event in events:
             patient_key = self._patient_key(uow, event)
             if isinstance(event, PatientsMerged):
                 priors = set(uow.patients_for([i.token for i in event.prior]).values())
                 for prior in sorted(priors - {patient_key}):
                     uow.merge_patients(prior, patient_key)
+                    touched.pop(prior, None)
                     uow.audit(now, "engine", "patients.merged", patient_key,
                               {"message": event.source.message_id})
+                touched.pop(patient_key, None)  # the merge brought in facts: read again
             order_key = self._order_key(uow, event, patient_key)
-            current = by_key(uow.facts(patient_key))
+            current = touched.get(patient_key)
+            if current is None:
+                current = touched[patient_key] = by_key(uow.facts(patient_key))
             changed = project(event, current, self.catalogue.site.facts, order_key)
             if changed:
                 uow.put_facts(patient_key, changed)
-            if patient_key not in touched:
-                touched.append(patient_key)
+                current.update((f.key, f) for f in changed)
         tasks: list[StoredTask] = []
-        for patient_key in touched:
-            tasks.extend(self.evaluate(uow, patient_key, now))
+        for patient_key, current in touched.items():
+            tasks.extend(self.evaluate(uow, patient_key, now, list(current.values())))
         return Applied(tuple(touched), tuple(tasks))
 
     def fire_due(self, uow: UnitOfWork, until: datetime, limit: int = 1000) -> list[StoredTask]:
-        """Evaluate every patient whose timer is due by `until`, each at its due time."""
+        """Evaluate every patient whose timer is due by `until`, each at its due time.
+
+        Remembers the earliest due time it has seen or scheduled, so that calling it before
+        every message costs no query until something can be due. The hint is never later
+        than the truth for timers this processor scheduled; call `forget_due_hint()` when
+        another process may schedule timers in the same database."""
+        if self._next_due is not None and self._next_due > until:
+            return []
         tasks: list[StoredTask] = []
-        for timer in uow.due_timers(until, limit):
+        timers = uow.due_timers(until, limit)
+        for timer in timers:
             tasks.extend(self.evaluate(uow, timer.patient_key, timer.due_at))
             uow.mark_fired(timer.id, timer.due_at)
+        if len(timers) < limit:
+            self._next_due = uow.next_due() or _FAR_FUTURE
         return tasks
+
+    def forget_due_hint(self) -> None:
+        """Make the next `fire_due` read the due table (other writers may have scheduled)."""
+        self._next_due = None
 
     # --- rules ----------------------------------------------------------------------------
 
@@ -160,9 +179,18 @@ class Processor:
                 decided[task.identifier] = task
         return list(decided.values())
 
-    def evaluate(self, uow: UnitOfWork, patient_key: str, now: datetime) -> list[StoredTask]:
-        """Evaluate one patient's rules at `now`; store new Tasks and the next timers."""
-        memory = working_memory(uow.facts(patient_key), now, self.catalogue.site.timezone)
+    def evaluate(
+        self,
+        uow: UnitOfWork,
+        patient_key: str,
+        now: datetime,
+        facts: Sequence[Fact] | None = None,
+    ) -> list[StoredTask]:
+        """Evaluate one patient's rules at `now`; store new Tasks and the next timers.
+        `facts`: the patient's current facts when the caller has just read them."""
+        if facts is None:
+            facts = uow.facts(patient_key)
+        memory = working_memory(facts, now, self.catalogue.site.timezone)
         created: list[StoredTask] = []
         for task in self.decide(memory):
             if uow.get_task(task.identifier) is not None:
@@ -190,4 +218,6 @@ class Processor:
             for due in rule.module.wake_times(memory, rule.params, self.catalogue.site):
                 if due > now:
                     uow.schedule(patient_key, due, "evaluate")
+                    if self._next_due is not None and due < self._next_due:
+                        self._next_due = due
         return created

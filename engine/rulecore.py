@@ -77,6 +77,18 @@ class Match:
     facts: Mapping[str, str]
 
 
+def _kinds_needed(definition: Mapping[str, Any]) -> frozenset[str]:
+    """The fact kinds a conjunctive rule binds: {"kind": X} directly under each alias."""
+    needed = set()
+    for pattern in definition.get("all", []):
+        for expression in pattern.values():
+            terms = expression.get("$and", [expression]) if isinstance(expression, Mapping) else []
+            for term in terms:
+                if isinstance(term, Mapping) and isinstance(term.get("kind"), str):
+                    needed.add(term["kind"])
+    return frozenset(needed)
+
+
 def _operators(node: Any) -> set[str]:
     """Every key (operator or alias) used anywhere in a rule definition."""
     found: set[str] = set()
@@ -159,6 +171,11 @@ class RuleCore:
             rule = {k: v for k, v in definition.items() if k != "run"}
             rule["run"] = self._action(name)
             rules[name] = rule
+        # Kinds each plain rule needs (`kind == X` in every alias pattern): a patient lacking
+        # any of them cannot match, so the engine need not be asked (a pure short cut).
+        self._needs = [
+            _kinds_needed(d) for name, d in definitions.items() if UNLESS not in name
+        ]
         rules["keep_"] = {
             "all": [{"m": {"keep_": 1}}, {"n": {"never_": 1}}],
             "run": lambda _c: None,
@@ -192,16 +209,8 @@ class RuleCore:
     def _engine_ids(count: int, sid: str) -> list[str]:
         """Short ids `f0..fN` whose 32-bit hashes clash with none of the others, the session
         id or `$pulse` (the engine treats a clash as "already observed")."""
-        used = {engine_hash("sid-" + sid), engine_hash("$pulse")}
-        ids = []
-        for i in range(count):
-            eid, k = f"f{i}", 0
-            while engine_hash(eid) in used:
-                k += 1
-                eid = f"f{i}.{k}"
-            used.add(engine_hash(eid))
-            ids.append(eid)
-        return ids
+        return _engine_ids(count, engine_hash("sid-" + sid))
+
 
     def evaluate(self, facts: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Match]:
         """Evaluate every rule over one patient's complete fact set.
@@ -214,6 +223,9 @@ class RuleCore:
             raise RuleEvaluationError(
                 f"working-memory bound: {len(facts)} facts exceed {self._max_facts}"
             )
+        kinds = {fact.get("kind") for _, fact in facts}
+        if not any(needed <= kinds for needed in self._needs):
+            return []  # no rule can match: nothing to ask the engine (and nothing at risk)
         self._evaluations += 1
         sid = f"e{self._evaluations}"
         batch: list[dict[str, Any]] = []
@@ -245,3 +257,31 @@ class RuleCore:
         if self._errors:
             raise RuleEvaluationError("rule action failed: " + "; ".join(self._errors[:3]))
         return _subtract_unless(self._out)
+
+
+def _engine_ids(count: int, sid_hash: int) -> list[str]:
+    """See RuleCore._engine_ids; ids for a count are computed once and reused while the
+    session id's hash does not clash with them."""
+    cached = _ID_CACHE.get(count)
+    if cached is not None and sid_hash not in cached[1]:
+        return cached[0]
+    ids = _fresh_engine_ids(count, sid_hash)
+    if len(_ID_CACHE) < 10_000:
+        _ID_CACHE[count] = (ids, frozenset(engine_hash(i) for i in ids))
+    return ids
+
+
+_ID_CACHE: dict[int, tuple[list[str], frozenset[int]]] = {}
+
+
+def _fresh_engine_ids(count: int, sid_hash: int) -> list[str]:
+    used = {sid_hash, engine_hash("$pulse")}
+    ids = []
+    for i in range(count):
+        eid, k = f"f{i}", 0
+        while engine_hash(eid) in used:  # re-key on a 32-bit clash
+            k += 1
+            eid = f"f{i}.{k}"
+        used.add(engine_hash(eid))
+        ids.append(eid)
+    return ids

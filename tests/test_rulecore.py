@@ -149,11 +149,13 @@ def test_colliding_engine_ids_are_caught_not_silently_dropped(
 def test_engine_ids_are_rekeyed_when_their_hashes_clash(monkeypatch: pytest.MonkeyPatch) -> None:
     real = rulecore.engine_hash
     monkeypatch.setattr(rulecore, "engine_hash", lambda s: real("f0") if s == "f1" else real(s))
+    rulecore._ID_CACHE.clear()
     ids = RuleCore._engine_ids(3, "e1")
     assert ids == ["f0", "f1.1", "f2"]
     core = RuleCore({"x": when_all(c.o << (m.kind == "order")).define()})
     matches = core.evaluate([("a", {"kind": "order"}), ("b", {"kind": "order"}), ("c", {"kind": "order"})])
     assert sorted(mt.facts["o"] for mt in matches) == ["a", "b", "c"]
+    rulecore._ID_CACHE.clear()  # do not leave ids made with the patched hash behind
 
 
 def test_none_and_or_are_refused_because_the_engine_gets_them_wrong() -> None:
@@ -199,7 +201,7 @@ def test_action_errors_limits_and_bad_definitions_fail_closed() -> None:
     core = RuleCore({"x": when_all(c.o << (m.kind == "order")).define()}, max_facts=3)
     with pytest.raises(RuleEvaluationError, match="working-memory bound"):
         core.evaluate([(str(i), {"kind": "order"}) for i in range(4)])
-    big = {f"k{i}": i for i in range(201)}
+    big = {"kind": "order", **{f"k{i}": i for i in range(200)}}
     with pytest.raises(RuleEvaluationError, match="properties"):
         core.evaluate([("big", big)])
     # still usable afterwards

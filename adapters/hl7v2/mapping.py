@@ -10,7 +10,7 @@ Field choices follow shared/reference/clinical-rules.md section 3.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
 
@@ -337,7 +337,7 @@ class Mapper:
         received_at: datetime,
         groups: Sequence[tuple[Segment | None, Segment | None, list[Segment]]],
         status_of: dict[int, str],
-        fallback_time: datetime,
+        fallback_time: Callable[[], datetime],
     ) -> list[Event]:
         tz = self.settings.timezone
         patient = _patient(message.segment("PID"), tz)
@@ -352,8 +352,8 @@ class Mapper:
             if not ref.tokens():
                 raise MappingError("result without a placer or filler order number", "OBR-2")
             occurred = _first_time(tz, (obr, 22, "OBR-22")) or next(
-                (parse_ts(o.get(14), tz, "OBX-14") for o in obxs if o.get(14)), fallback_time
-            )
+                (parse_ts(o.get(14), tz, "OBX-14") for o in obxs if o.get(14)), None
+            ) or fallback_time()
             common = dict(
                 source=source, occurred_at=occurred, received_at=received_at,
                 patient=patient, encounter=encounter, order=ref,
@@ -383,7 +383,8 @@ class Mapper:
     def _result(
         self, message: Message, msh: Segment, source: SourceRef, received_at: datetime
     ) -> list[Event]:
-        if message.trigger != "R01":
+        # R01 is the only ORU event up to v2.5; some v2.2/2.3 senders leave MSH-9.2 empty.
+        if message.trigger not in ("R01", ""):
             raise UnsupportedMessage(f"ORU^{message.trigger} is not supported", "MSH-9")
         groups = [g for g in _order_groups(message) if g[1] is not None]
         if not groups:
@@ -403,9 +404,10 @@ class Mapper:
                 statuses[index] = "cancelled"
             elif "U" in obx_status or not code and "F" in obx_status:
                 statuses[index] = "final"
-        msh_time = _first_time(self.settings.timezone, (msh, 7, "MSH-7"))
+        tz = self.settings.timezone
         return self._report_events(
-            message, source, received_at, groups, statuses, msh_time or received_at
+            message, source, received_at, groups, statuses,
+            lambda: _first_time(tz, (msh, 7, "MSH-7")) or received_at,
         )
 
     def _document(
@@ -455,5 +457,5 @@ class Mapper:
             ]
         return self._report_events(
             message, source, received_at, groups, dict.fromkeys(range(len(groups)), status),
-            occurred,
+            lambda: occurred,
         )

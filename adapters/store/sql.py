@@ -418,6 +418,20 @@ class SqlUnitOfWork:
         self._conn = connection
         self._sql = statements
         self._now = now
+        self._savepoints = 0
+        # Read-through caches for this transaction only (an identity map): what this unit of
+        # work has read or written itself. Dropped when a savepoint rolls back or patients
+        # merge, and with the unit of work; the database stays the record.
+        self._facts_cache: dict[str, dict[str, Fact]] = {}
+        self._alias_cache: dict[str, str] = {}
+        self._order_cache: dict[str, tuple[str, str]] = {}
+        self._scheduled: set[tuple[str, datetime, str]] = set()
+
+    def _forget(self) -> None:
+        self._facts_cache.clear()
+        self._alias_cache.clear()
+        self._order_cache.clear()
+        self._scheduled.clear()
 
     @property
     def connection(self) -> Connection:
@@ -506,8 +520,11 @@ class SqlUnitOfWork:
         out."""
         if not tokens:
             return {}
-        rows = self._run(self._sql.patients_for, {"tokens": list(set(tokens))})
-        return {token: key for token, key in rows}
+        cache = self._alias_cache
+        missing = [t for t in set(tokens) if t not in cache]
+        if missing:
+            cache.update((t, k) for t, k in self._run(self._sql.patients_for, {"tokens": missing}))
+        return {t: cache[t] for t in tokens if t in cache}
 
     def add_patient_aliases(self, patient_key: str, tokens: Sequence[str]) -> None:
         """Record that these tokens name this patient, creating the patient if new.
@@ -516,12 +533,15 @@ class SqlUnitOfWork:
         `merge_patients`' job, never a side effect of a message that disagrees.
         """
         self._ensure_patient(patient_key)
-        unique = list(dict.fromkeys(tokens))
+        unique = [t for t in dict.fromkeys(tokens) if t not in self._alias_cache]
         if unique:
             self._write_many(
                 self._sql.alias_add,
                 [{"token": token, "patient_key": patient_key} for token in unique],
             )
+            # Read back rather than assume: a token another writer stored first keeps its
+            # patient, and this unit of work must see that too.
+            self.patients_for(unique)
 
     def _ensure_patient(self, patient_key: str) -> None:
         self._write(
@@ -538,6 +558,7 @@ class SqlUnitOfWork:
         """
         if prior_key == surviving_key:
             return
+        self._forget()
         self._ensure_patient(surviving_key)
         keys = {"p_prior": prior_key, "p_surviving": surviving_key}
         for statement in (
@@ -560,12 +581,13 @@ class SqlUnitOfWork:
         """(order key, patient key) for the first of `tokens` that names a known order."""
         if not tokens:
             return None
-        found = {
-            token: (order_key, patient_key)
+        found = self._order_cache
+        missing = [t for t in set(tokens) if t not in found]
+        if missing:
             for token, order_key, patient_key in self._run(
-                self._sql.order_for, {"tokens": list(set(tokens))}
-            )
-        }
+                self._sql.order_for, {"tokens": missing}
+            ):
+                found[token] = (order_key, patient_key)
         for token in tokens:
             if token in found:
                 return found[token]
@@ -573,7 +595,7 @@ class SqlUnitOfWork:
 
     def add_order_aliases(self, order_key: str, patient_key: str, tokens: Sequence[str]) -> None:
         """Record that these placer/filler tokens name this order; known tokens are kept."""
-        unique = list(dict.fromkeys(tokens))
+        unique = [t for t in dict.fromkeys(tokens) if t not in self._order_cache]
         if unique:
             self._write_many(
                 self._sql.order_add,
@@ -586,8 +608,12 @@ class SqlUnitOfWork:
     # --- facts ---
     def facts(self, patient_key: str) -> list[Fact]:
         """Every current fact of one patient, by key."""
-        rows = self._run(self._sql.facts, {"patient_key": patient_key})
-        return [Fact(key=key, kind=kind, data=data) for key, kind, data in rows]
+        cached = self._facts_cache.get(patient_key)
+        if cached is None:
+            rows = self._run(self._sql.facts, {"patient_key": patient_key})
+            cached = {key: Fact(key=key, kind=kind, data=data) for key, kind, data in rows}
+            self._facts_cache[patient_key] = cached
+        return [cached[key] for key in sorted(cached)]
 
     def put_facts(self, patient_key: str, facts: Sequence[Fact]) -> None:
         """Insert or replace facts by key (the last of several with one key wins)."""
@@ -605,6 +631,10 @@ class SqlUnitOfWork:
             for fact in facts
         }
         self._write_many(self._sql.facts_put, list(by_key.values()))
+        cached = self._facts_cache.get(patient_key)
+        if cached is not None:
+            for row in by_key.values():
+                cached[row["key"]] = Fact(key=row["key"], kind=row["kind"], data=row["data"])
 
     # --- tasks ---
     def get_task(self, identifier: str) -> StoredTask | None:
@@ -669,10 +699,14 @@ class SqlUnitOfWork:
     # --- timers ---
     def schedule(self, patient_key: str, due_at: datetime, reason: str) -> None:
         """Ask for the patient to be evaluated again at `due_at`; asking twice changes nothing."""
+        key = (patient_key, due_at, reason)
+        if key in self._scheduled:
+            return
         self._write(
             self._sql.schedule,
             {"patient_key": patient_key, "due_at": due_at, "reason": reason, "fired_at": None},
         )
+        self._scheduled.add(key)
 
     def due_timers(self, until: datetime, limit: int = 1000) -> list[DueTimer]:
         """Unfired timers due at or before `until`, earliest first (ties by id), at most
@@ -717,8 +751,19 @@ class SqlUnitOfWork:
     def savepoint(self) -> Iterator[None]:
         """A nested transaction (SAVEPOINT): an exception inside undoes only the work inside
         it and is re-raised; the outer unit of work carries on if the caller catches it."""
-        with self._conn.begin_nested():
+        # Plain SAVEPOINT statements: SQLAlchemy's begin_nested() costs several times more per
+        # message on the replay path, and nothing else here nests transactions.
+        self._savepoints += 1
+        name = f"sp{self._savepoints}"
+        self._conn.exec_driver_sql(f"SAVEPOINT {name}")
+        try:
             yield
+        except BaseException:
+            self._forget()
+            self._conn.exec_driver_sql(f"ROLLBACK TO SAVEPOINT {name}")
+            self._conn.exec_driver_sql(f"RELEASE SAVEPOINT {name}")
+            raise
+        self._conn.exec_driver_sql(f"RELEASE SAVEPOINT {name}")
 
 
 class SqlStore:
