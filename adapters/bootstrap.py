@@ -53,9 +53,7 @@ def build_replay_app(db_url: str, rules_dir: Path) -> App:
     clock = SimulatedClock()
     store = open_store(db_url, clock=clock)
     processor = Processor(catalogue, task_resource)
-    mapper = Mapper(
-        MappingSettings(catalogue.site.timezone, catalogue.site.mdm_document_types)
-    )
+    mapper = Mapper(MappingSettings(catalogue.site.timezone, catalogue.site.mdm_document_types))
 
     def now_for(events: Sequence[Event]) -> datetime:
         for event in events:

@@ -67,8 +67,15 @@ from engine.ports import StoredTask
 from engine.processor import Processor
 
 EVENT_TYPES = (
-    "registered", "admitted", "transferred", "discharged", "discharge-cancelled",
-    "admission-cancelled", "ordered", "cancelled", "report",
+    "registered",
+    "admitted",
+    "transferred",
+    "discharged",
+    "discharge-cancelled",
+    "admission-cancelled",
+    "ordered",
+    "cancelled",
+    "report",
 )
 KINDS = ("recall", "no-recall")
 
@@ -164,18 +171,27 @@ def build_event(row: Mapping[str, Any], patient: Patient, n: int, tz: ZoneInfo) 
         raise ConfigurationError(f"{where}: needs an order")
     if kind == "ordered":
         return ImagingOrdered(
-            **common, order=order, procedure_code=str(row.get("code", "")),
-            procedure_name=str(row.get("procedure", "")), section=str(row.get("section", "RAD")),
+            **common,
+            order=order,
+            procedure_code=str(row.get("code", "")),
+            procedure_name=str(row.get("procedure", "")),
+            section=str(row.get("section", "RAD")),
             orderer=_clinician(row.get("orderer")),
         )
     if kind == "cancelled":
         return OrderCancelled(**common, order=order, control="CA")
     status = str(row.get("status", ""))
     if status not in ("preliminary", "final", "corrected", "withdrawn"):
-        raise ConfigurationError(f"{where}: status must be preliminary, final, corrected or withdrawn")
+        raise ConfigurationError(
+            f"{where}: status must be preliminary, final, corrected or withdrawn"
+        )
     return ReportIssued(
-        **common, order=order, status=status, flags=tuple(row.get("flags", ())),
-        procedure_name=str(row.get("procedure", "")), section=str(row.get("section", "RAD")),
+        **common,
+        order=order,
+        status=status,
+        flags=tuple(row.get("flags", ())),
+        procedure_name=str(row.get("procedure", "")),
+        section=str(row.get("section", "RAD")),
     )
 
 
@@ -215,8 +231,9 @@ def load_case(path: Path, tz: ZoneInfo) -> Case:
             build_event(row, patient, n, tz) for n, row in enumerate(raw.get("events", []), 1)
         )
         expect = tuple(
-            Expectation(str(e["rule"]), str(e["order"]), e.get("priority"), e.get("owner"),
-                        e.get("part_of"))
+            Expectation(
+                str(e["rule"]), str(e["order"]), e.get("priority"), e.get("owner"), e.get("part_of")
+            )
             for e in raw.get("expect", [])
         )
         if (kind == "recall") != bool(expect):
@@ -236,8 +253,10 @@ def _a(word: str) -> str:
 
 
 def _describe(task: StoredTask) -> str:
-    return (f"{_a(task.priority)} Task from {task.rule_id} for order {_order_of(task)} "
-            f"owned by {task.owner}")
+    return (
+        f"{_a(task.priority)} Task from {task.rule_id} for order {_order_of(task)} "
+        f"owned by {task.owner}"
+    )
 
 
 def _order_of(task: StoredTask) -> str:
@@ -306,4 +325,3 @@ def _compare(expected: Sequence[Expectation], tasks: Sequence[StoredTask]) -> li
 def rule_cases(catalogue: Catalogue) -> dict[str, list[Path]]:
     """Every rule's case files, by rule id."""
     return {rule.id: sorted((rule.path / "cases").glob("*.toml")) for rule in catalogue.rules}
-

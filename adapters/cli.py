@@ -130,8 +130,9 @@ def _replay(
                 if result.ack_code != "AA":
                     what = "unsupported" if result.unsupported else "rejected"
                     where = f" ({result.location})" if result.location else ""
-                    err.write(f"{path}: {result.control_id or '-'}: {what}: "
-                              f"{result.reason}{where}\n")
+                    err.write(
+                        f"{path}: {result.control_id or '-'}: {what}: {result.reason}{where}\n"
+                    )
         printer.emit(created)  # only after the batch is committed
         if progress:
             err.write(f"\r{min(start + BATCH, len(items))}/{len(items)} messages")
@@ -163,12 +164,16 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="safetynet", description=__doc__.split("\n")[0])
     sub = top.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("replay", help="replay HL7 v2 files; print the Tasks raised")
-    rp.add_argument("paths", nargs="+", metavar="PATH",
-                    help="files or folders (a folder's files in name order)")
+    rp.add_argument(
+        "paths", nargs="+", metavar="PATH", help="files or folders (a folder's files in name order)"
+    )
     rp.add_argument("--db", help="database URL (default: a temporary SQLite database)")
     rp.add_argument("--rules", default=str(default_rules_dir()), help="rules folder")
-    rp.add_argument("--until", type=_parse_until,
-                    help="advance the clock to this time at the end so due timers fire")
+    rp.add_argument(
+        "--until",
+        type=_parse_until,
+        help="advance the clock to this time at the end so due timers fire",
+    )
     rp.add_argument("--format", choices=("ndjson", "text"), default="ndjson")
     rp.set_defaults(func=replay)
     sp = sub.add_parser("synth", help="write synthetic HL7 v2 traffic")

@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from adapters.errors import AdapterError, UnsupportedMessage
 from adapters.hl7v2.er7 import Hl7ReadError, read_message
@@ -66,14 +67,20 @@ class Hl7Ingest:
         except Hl7ReadError as exc:
             location = f"{exc.segment or ''}{'-' + str(exc.field) if exc.field else ''}"
             entry = uow.add_to_inbox(
-                InboundMessage(raw, UNREADABLE_SENDER, "", content_hash(raw), received_at,
-                               origin=origin)
+                InboundMessage(
+                    raw, UNREADABLE_SENDER, "", content_hash(raw), received_at, origin=origin
+                )
             )
             if not entry.duplicate:
                 uow.quarantine(entry.id, exc.reason, exc.ack_code, location, at=received_at)
                 uow.set_inbox_state(entry.id, "quarantined", exc.reason)
-            return IngestResult(exc.ack_code, reason=exc.reason, location=location,
-                                inbox_id=entry.id, duplicate=entry.duplicate)
+            return IngestResult(
+                exc.ack_code,
+                reason=exc.reason,
+                location=location,
+                inbox_id=entry.id,
+                duplicate=entry.duplicate,
+            )
         kind = f"{message.message_type}^{message.trigger}"
         entry = uow.add_to_inbox(
             InboundMessage(
@@ -86,20 +93,25 @@ class Hl7Ingest:
                 origin=origin,
             )
         )
-        base = dict(control_id=message.control_id, message_type=kind, inbox_id=entry.id,
-                    control_id_reused=entry.control_id_reused)
+        base: dict[str, Any] = dict(
+            control_id=message.control_id,
+            message_type=kind,
+            inbox_id=entry.id,
+            control_id_reused=entry.control_id_reused,
+        )
         if entry.duplicate:
-            return IngestResult("AA", duplicate=True, reason="duplicate: already received",
-                                **base)  # type: ignore[arg-type]
+            return IngestResult("AA", duplicate=True, reason="duplicate: already received", **base)
         try:
             events = self._mapper.events(message, received_at)
         except UnsupportedMessage as exc:
             uow.set_inbox_state(entry.id, "unsupported", exc.reason)
-            return IngestResult(exc.ack_code, reason=exc.reason, location=exc.location,
-                                unsupported=True, **base)  # type: ignore[arg-type]
+            return IngestResult(
+                exc.ack_code, reason=exc.reason, location=exc.location, unsupported=True, **base
+            )
         except AdapterError as exc:
-            return self._quarantined(uow, entry.id, exc.reason, exc.ack_code, exc.location,
-                                     received_at, base)
+            return self._quarantined(
+                uow, entry.id, exc.reason, exc.ack_code, exc.location, received_at, base
+            )
         now = self._now_for(events)
         try:
             with uow.savepoint():
@@ -107,13 +119,22 @@ class Hl7Ingest:
                 applied = self._processor.apply(uow, events, now)
         except RuleEvaluationError as exc:
             # Fail closed: stored, not processed, and a human-review item exists.
-            return self._quarantined(uow, entry.id, f"rules could not be evaluated: {exc.reason}",
-                                     "AE", exc.location, received_at, base, state="failed")
+            return self._quarantined(
+                uow,
+                entry.id,
+                f"rules could not be evaluated: {exc.reason}",
+                "AE",
+                exc.location,
+                received_at,
+                base,
+                state="failed",
+            )
         except EngineError as exc:
-            return self._quarantined(uow, entry.id, exc.reason, exc.ack_code, exc.location,
-                                     received_at, base)
+            return self._quarantined(
+                uow, entry.id, exc.reason, exc.ack_code, exc.location, received_at, base
+            )
         uow.set_inbox_state(entry.id, "processed", "" if events else "no clinical events")
-        return IngestResult("AA", tasks=(*fired, *applied.tasks), **base)  # type: ignore[arg-type]
+        return IngestResult("AA", tasks=(*fired, *applied.tasks), **base)
 
     @staticmethod
     def _quarantined(
@@ -123,9 +144,9 @@ class Hl7Ingest:
         ack_code: str,
         location: str,
         at: datetime,
-        base: dict[str, object],
+        base: dict[str, Any],
         state: str = "quarantined",
     ) -> IngestResult:
         uow.quarantine(inbox_id, reason, ack_code, location, at=at)
         uow.set_inbox_state(inbox_id, state, reason)
-        return IngestResult(ack_code, reason=reason, location=location, **base)  # type: ignore[arg-type]
+        return IngestResult(ack_code, reason=reason, location=location, **base)

@@ -71,8 +71,9 @@ class RuleModule(Protocol):
         """The Task one match raises (an `engine.tasks.RecallTask`), or None."""
         ...
 
-    def wake_times(self, facts: Sequence[tuple[str, Mapping[str, Any]]],
-                   p: Mapping[str, Any], site: Site) -> Iterable[datetime]:
+    def wake_times(
+        self, facts: Sequence[tuple[str, Mapping[str, Any]]], p: Mapping[str, Any], site: Site
+    ) -> Iterable[datetime]:
         """When this patient must be evaluated again for this rule."""
         ...
 
@@ -147,7 +148,7 @@ def _load_module(path: Path, rule_id: str) -> RuleModule:
     for needed in ("conditions", "recall_task", "wake_times"):
         if not callable(getattr(module, needed, None)):
             raise ConfigurationError(f"{path}: defines no function {needed}()")
-    return module  # type: ignore[return-value]
+    return module  # type: ignore[return-value,unused-ignore]
 
 
 def _site(settings: Mapping[str, Any], path: Path) -> Site:
@@ -204,7 +205,11 @@ def load_rule(folder: Path, overrides: Mapping[str, Any]) -> Rule:
                     f"{type(spec['default']).__name__}, like its default"
                 )
         params[name] = Parameter(
-            name, value, spec["default"], str(spec.get("unit", "")), str(spec.get("doc", "")),
+            name,
+            value,
+            spec["default"],
+            str(spec.get("unit", "")),
+            str(spec.get("doc", "")),
             source,
         )
     unknown = set(overrides) - set(params) - {"status"}

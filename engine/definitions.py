@@ -20,6 +20,7 @@ from typing import Any
 
 from engine.rulecore import c, m, when_all
 
+
 def _final_report(alias_order: Any) -> Any:
     """A final (F) or corrected (C) report of the order bound as `alias_order`."""
     return (m.kind == "report") & (m.okey == alias_order.okey) & (m.final == 1)
@@ -44,7 +45,7 @@ def discharged_home(max_age_months: int, settle_minutes: int) -> list[Any]:
 
 def unless_admitted_after(settle_minutes: int) -> dict[str, Any]:
     """Cancels a discharge `d` followed within the settle time by an admission."""
-    return when_all(
+    return _defined(
         c.d << (m.kind == "discharge"),
         c.a
         << (
@@ -53,7 +54,7 @@ def unless_admitted_after(settle_minutes: int) -> dict[str, Any]:
             & (m.at >= c.d.at)
             & (m.at <= c.d.at + settle_minutes * 60)
         ),
-    ).define()
+    )
 
 
 def pending_order() -> list[Any]:
@@ -76,11 +77,11 @@ def pending_order() -> list[Any]:
 
 def unless_final_by_discharge() -> dict[str, Any]:
     """Cancels order `o` at discharge `d` when it had a final or corrected report by then."""
-    return when_all(
+    return _defined(
         c.d << (m.kind == "discharge"),
         c.o << (m.kind == "order"),
         c.f << (_final_report(c.o) & (m.at <= c.d.at)),
-    ).define()
+    )
 
 
 def final_after_discharge() -> list[Any]:
@@ -92,7 +93,7 @@ def final_after_discharge() -> list[Any]:
 def unless_earlier_final_after_discharge() -> dict[str, Any]:
     """Cancels report `r` when another final report of its order came after discharge `d`
     and before `r`."""
-    return when_all(
+    return _defined(
         c.d << (m.kind == "discharge"),
         c.r << ((m.kind == "report") & (m.final == 1)),
         c.e
@@ -103,7 +104,12 @@ def unless_earlier_final_after_discharge() -> dict[str, Any]:
             & (m.at > c.d.at)
             & (m.at < c.r.at)
         ),
-    ).define()
+    )
+
+
+def _defined(*patterns: Any) -> dict[str, Any]:
+    definition: dict[str, Any] = when_all(*patterns).define()
+    return definition
 
 
 def discharge_trigger(discharge: Mapping[str, Any]) -> str:

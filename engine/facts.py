@@ -83,7 +83,7 @@ def from_epoch(seconds: int) -> datetime:
 
 
 def _clinician(prefix: str, who: Clinician | None) -> dict[str, Any]:
-    if who is None or not who.id and not who.name:
+    if who is None or (not who.id and not who.name):
         return {}
     return {f"{prefix}_id": who.id, f"{prefix}_name": who.name, f"{prefix}_auth": who.authority}
 
@@ -117,15 +117,18 @@ def _visit_facts(
     if not event.encounter:
         return out
     enc = event.encounter
-    new = {"enc": enc, "class": visit.patient_class, "location": visit.location}
+    new: dict[str, Any] = {"enc": enc, "class": visit.patient_class, "location": visit.location}
     new.update(_clinician("attending", visit.attending))
     if isinstance(event, PatientRegistered | PatientAdmitted):
         new["started_at"] = epoch(event.occurred_at)
     out.append(_merged(current, f"encounter:{enc}", "encounter", new))
     if isinstance(event, PatientAdmitted):
         out.append(
-            Fact(f"admission:{enc}", "admission", {"kind": "admission", "enc": enc,
-                                                   "at": epoch(event.occurred_at), "cancelled": 0})
+            Fact(
+                f"admission:{enc}",
+                "admission",
+                {"kind": "admission", "enc": enc, "at": epoch(event.occurred_at), "cancelled": 0},
+            )
         )
     if isinstance(event, PatientDischarged):
         encounter = out[-1].data
@@ -162,8 +165,11 @@ def _order_fact(
     site: SiteFacts,
 ) -> Fact:
     ref = event.order
-    enc = event.encounter or str(current.get(f"order:{order_key}", Fact("", "", {})).data.get(
-        "enc", "")) or _encounter_at(current, epoch(event.occurred_at))
+    enc = (
+        event.encounter
+        or str(current.get(f"order:{order_key}", Fact("", "", {})).data.get("enc", ""))
+        or _encounter_at(current, epoch(event.occurred_at))
+    )
     new: dict[str, Any] = {
         "okey": order_key,
         "enc": enc,
@@ -181,8 +187,9 @@ def _order_fact(
     data.setdefault("cancelled_at", NEVER)
     data.setdefault("ordered_at", epoch(event.occurred_at))
     data["imaging"] = int(
-        site.is_imaging(str(data.get("section", "")), str(data.get("code", "")),
-                        str(data.get("name", "")))
+        site.is_imaging(
+            str(data.get("section", "")), str(data.get("code", "")), str(data.get("name", ""))
+        )
     )
     return Fact(fact.key, "order", data)
 
@@ -197,8 +204,14 @@ def project(
 
     `order_key` is the resolved key of the event's order, for order and report events.
     """
-    if isinstance(event, PatientRegistered | PatientAdmitted | PatientTransferred
-                  | PatientDischarged | PatientUpdated):
+    if isinstance(
+        event,
+        PatientRegistered
+        | PatientAdmitted
+        | PatientTransferred
+        | PatientDischarged
+        | PatientUpdated,
+    ):
         return _visit_facts(current, event, event.visit, site)
     if isinstance(event, DischargeCancelled):
         key = f"discharge:{event.encounter}"
@@ -207,17 +220,25 @@ def project(
         return [Fact(key, "discharge", {**current[key].data, "cancelled": 1})]
     if isinstance(event, AdmissionCancelled):
         key = f"admission:{event.encounter}"
-        return [Fact(key, "admission", {**current[key].data, "cancelled": 1})] if (
-            key in current) else []
+        return (
+            [Fact(key, "admission", {**current[key].data, "cancelled": 1})]
+            if (key in current)
+            else []
+        )
     if isinstance(event, ImagingOrdered):
-        return [*_patient_fact(current, event.patient), _order_fact(current, order_key, event, site)]
+        return [
+            *_patient_fact(current, event.patient),
+            _order_fact(current, order_key, event, site),
+        ]
     if isinstance(event, OrderCancelled | OrderChanged):
         key = f"order:{order_key}"
         if key not in current:
             return []
         data = dict(current[key].data)
         if isinstance(event, OrderCancelled):
-            data["cancelled_at"] = min(int(data.get("cancelled_at", NEVER)), epoch(event.occurred_at))
+            data["cancelled_at"] = min(
+                int(data.get("cancelled_at", NEVER)), epoch(event.occurred_at)
+            )
         else:
             data["order_status"] = event.order_status
         return [Fact(key, "order", data)]

@@ -70,7 +70,9 @@ class Processor:
                     return found[1]
                 raise LinkError(
                     "result names no known order (placer/filler numbers) and carries no patient "
-                    "identifiers", "PID-3")
+                    "identifiers",
+                    "PID-3",
+                )
             raise IdentityError("message carries no patient identifier", "PID-3")
         tokens = [i.token for i in event.patient.identifiers]
         known = uow.patients_for(tokens)
@@ -113,8 +115,13 @@ class Processor:
                 for prior in sorted(priors - {patient_key}):
                     uow.merge_patients(prior, patient_key)
                     touched.pop(prior, None)
-                    uow.audit(now, "engine", "patients.merged", patient_key,
-                              {"message": event.source.message_id})
+                    uow.audit(
+                        now,
+                        "engine",
+                        "patients.merged",
+                        patient_key,
+                        {"message": event.source.message_id},
+                    )
                 touched.pop(patient_key, None)  # the merge brought in facts: read again
             order_key = self._order_key(uow, event, patient_key)
             current = touched.get(patient_key)
@@ -210,9 +217,17 @@ class Processor:
                 at=now,
                 reason=f"raised by {task.rule_uri}",
             )
-            uow.audit(now, f"rule:{task.rule_id}", "task.raised", task.identifier,
-                      {"rule_version": task.rule_version, "priority": task.priority,
-                       "shadow": task.shadow})
+            uow.audit(
+                now,
+                f"rule:{task.rule_id}",
+                "task.raised",
+                task.identifier,
+                {
+                    "rule_version": task.rule_version,
+                    "priority": task.priority,
+                    "shadow": task.shadow,
+                },
+            )
             created.append(stored)
         for rule in self.catalogue.evaluated:
             for due in rule.module.wake_times(memory, rule.params, self.catalogue.site):

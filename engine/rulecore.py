@@ -167,15 +167,15 @@ class RuleCore:
                 )
             base = name.split(UNLESS, 1)[0]
             if base != name and base not in definitions:
-                raise RuleEvaluationError(f"{name!r} cancels matches of {base!r}, which is not defined")
+                raise RuleEvaluationError(
+                    f"{name!r} cancels matches of {base!r}, which is not defined"
+                )
             rule = {k: v for k, v in definition.items() if k != "run"}
             rule["run"] = self._action(name)
             rules[name] = rule
         # Kinds each plain rule needs (`kind == X` in every alias pattern): a patient lacking
         # any of them cannot match, so the engine need not be asked (a pure short cut).
-        self._needs = [
-            _kinds_needed(d) for name, d in definitions.items() if UNLESS not in name
-        ]
+        self._needs = [_kinds_needed(d) for name, d in definitions.items() if UNLESS not in name]
         rules["keep_"] = {
             "all": [{"m": {"keep_": 1}}, {"n": {"never_": 1}}],
             "run": lambda _c: None,
@@ -210,7 +210,6 @@ class RuleCore:
         """Short ids `f0..fN` whose 32-bit hashes clash with none of the others, the session
         id or `$pulse` (the engine treats a clash as "already observed")."""
         return _engine_ids(count, engine_hash("sid-" + sid))
-
 
     def evaluate(self, facts: Sequence[tuple[str, Mapping[str, Any]]]) -> list[Match]:
         """Evaluate every rule over one patient's complete fact set.
@@ -251,7 +250,9 @@ class RuleCore:
             raise RuleEvaluationError(f"rule engine error: {exc!r}") from exc
         finally:
             try:
-                self._host.update_state(self._ruleset, {"sid": sid, "id": "sid-" + sid, "close_": 1})
+                self._host.update_state(
+                    self._ruleset, {"sid": sid, "id": "sid-" + sid, "close_": 1}
+                )
             finally:
                 self._host.delete_state(self._ruleset, sid)
         if self._errors:

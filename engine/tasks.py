@@ -150,8 +150,9 @@ def responsible_clinician(
             ident = str(fact.get(f"{role}_id", ""))
             if ident:
                 return (
-                    Clinician(ident, str(fact.get(f"{role}_name", "")),
-                              str(fact.get(f"{role}_auth", ""))),
+                    Clinician(
+                        ident, str(fact.get(f"{role}_name", "")), str(fact.get(f"{role}_auth", ""))
+                    ),
                     False,
                 )
     return site.pool, True
@@ -169,7 +170,7 @@ def when(seconds: int, site: Site) -> str:
 
 
 def age_phrase(age_days: int, age_months: int) -> str:
-    """"3-day-old", "7-week-old", "18-month-old", "5-year-old"; "" when unknown.
+    """ "3-day-old", "7-week-old", "18-month-old", "5-year-old"; "" when unknown.
 
     Infants are described in weeks (from 2 weeks to 1 year), newborns in days."""
     if age_days < 0:
@@ -184,7 +185,7 @@ def age_phrase(age_days: int, age_months: int) -> str:
 
 
 def person(sex: str, age_months: int) -> str:
-    """"boy", "girl", "man", "woman", or "child"/"patient" when sex is not known."""
+    """ "boy", "girl", "man", "woman", or "child"/"patient" when sex is not known."""
     child = 0 <= age_months < 18 * 12
     if sex == "M":
         return "boy" if child else "man"
@@ -194,7 +195,7 @@ def person(sex: str, age_months: int) -> str:
 
 
 def who(discharge: Mapping[str, Any], patient: Mapping[str, Any]) -> str:
-    """"7-week-old boy" (or "patient" when age and sex are unknown)."""
+    """ "7-week-old boy" (or "patient" when age and sex are unknown)."""
     months = int(discharge.get("age_months", -1))
     age = age_phrase(int(discharge.get("age_days", -1)), months)
     noun = person(str(patient.get("sex", "")), months)

@@ -32,7 +32,8 @@ def expected_tasks(
         if not 0 <= d["age_months"] < max_age_months or now < d["at"] + settle:
             continue
         if any(
-            a["kind"] == "admission" and a["cancelled"] == 0
+            a["kind"] == "admission"
+            and a["cancelled"] == 0
             and d["at"] <= a["at"] <= d["at"] + settle
             for a in facts
         ):

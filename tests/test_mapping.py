@@ -70,8 +70,16 @@ def test_local_times_follow_the_site_time_zone_with_daylight_saving() -> None:
 
 
 def test_discharge_time_prefers_evn6_then_pv1_45() -> None:
-    pv1 = seg("PV1", f2="E", f3="PAEDED", f7="C1^Doc^Ann^^^Dr^^^GMC", f19="V1", f36="01",
-              f44="20080501130000", f45="20080501140000")
+    pv1 = seg(
+        "PV1",
+        f2="E",
+        f3="PAEDED",
+        f7="C1^Doc^Ann^^^Dr^^^GMC",
+        f19="V1",
+        f36="01",
+        f44="20080501130000",
+        f45="20080501140000",
+    )
     (ev,) = events(msh("ADT^A03"), "EVN|A03|20080501150000", PID, pv1)
     assert isinstance(ev, PatientDischarged)
     assert ev.occurred_at == datetime(2008, 5, 1, 14, 0, tzinfo=TZ)  # PV1-45 before EVN-2
@@ -83,7 +91,9 @@ def test_discharge_time_prefers_evn6_then_pv1_45() -> None:
 
 def test_order_controls() -> None:
     orc = "ORC|{}|ORD-1^RIS|ACC-1^PACS||SC||||20080501121000|||C2^Ord^Sam^^^Dr^^^GMC"
-    obr = "OBR|1|ORD-1^RIS|ACC-1^PACS|XSK^XR skeletal survey \\T\\ views^LOCAL||||||||||||||||||||RAD"
+    obr = (
+        "OBR|1|ORD-1^RIS|ACC-1^PACS|XSK^XR skeletal survey \\T\\ views^LOCAL||||||||||||||||||||RAD"
+    )
     (new,) = events(msh("ORM^O01"), PID, orc.format("NW"), obr)
     assert isinstance(new, ImagingOrdered)
     assert (new.order.placer, new.order.placer_ns, new.order.filler) == ("ORD-1", "RIS", "ACC-1")
@@ -102,12 +112,19 @@ def test_order_controls() -> None:
 
 @pytest.mark.parametrize(
     ("obr25", "obx11", "expected"),
-    [("P", "P", "preliminary"), ("F", "F", "final"), ("C", "C", "corrected"),
-     ("P", "U", "final"), ("F", "W", "withdrawn"), ("F", "D", "withdrawn")],
+    [
+        ("P", "P", "preliminary"),
+        ("F", "F", "final"),
+        ("C", "C", "corrected"),
+        ("P", "U", "final"),
+        ("F", "W", "withdrawn"),
+        ("F", "D", "withdrawn"),
+    ],
 )
 def test_result_status(obr25: str, obx11: str, expected: str) -> None:
     (ev,) = events(
-        msh("ORU^R01"), PID,
+        msh("ORU^R01"),
+        PID,
         seg("OBR", f2="ORD-1^RIS", f4="XSK^XR^LOCAL", f22="20080501160000", f25=obr25),
         seg("OBX", f2="TX", f3="XSK", f5="text", f11=obx11),
         seg("OBX", f2="CE", f3="FLAG", f5="A", f8="A~H", f11=obx11),
@@ -147,8 +164,12 @@ def test_mdm_radiology_report_and_other_documents() -> None:
 
 def test_merge_and_cancel_discharge() -> None:
     merged = events(
-        msh("ADT^A40"), "EVN|A40|20080501160000", PID, "MRG|RX1000999^^^RX1^MR",
-        PID.replace("9990000018", "9990000026"), "MRG|RX1000998^^^RX1^MR",
+        msh("ADT^A40"),
+        "EVN|A40|20080501160000",
+        PID,
+        "MRG|RX1000999^^^RX1^MR",
+        PID.replace("9990000018", "9990000026"),
+        "MRG|RX1000998^^^RX1^MR",
     )
     assert [type(e) for e in merged] == [PatientsMerged, PatientsMerged]
     assert merged[0].prior[0].value == "RX1000999" and merged[1].prior[0].value == "RX1000998"

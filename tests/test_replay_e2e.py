@@ -18,7 +18,11 @@ R2 = "report-final-after-discharge"
 def replay(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "adapters.cli", "replay", *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
     )
 
 
@@ -50,13 +54,15 @@ def test_derby_scenario_gives_exactly_two_tasks_and_replaying_again_changes_noth
         assert task["owner"]["identifier"]["value"] == "C1001"
         assert task["owner"]["display"] == "Dr Ada Testdoctor"
         assert task["for"]["identifier"] == {
-            "system": "https://fhir.nhs.uk/Id/nhs-number", "value": "9990000018",
+            "system": "https://fhir.nhs.uk/Id/nhs-number",
+            "value": "9990000018",
         }
         assert task["encounter"]["identifier"]["value"] == "V0001"
         order = task["contained"][0]
         assert task["focus"]["reference"] == "#" + order["id"]
         assert {(i["type"]["coding"][0]["code"], i["value"]) for i in order["identifier"]} == {
-            ("PLAC", "ORD-0000001"), ("FILL", "ACC-0000001"),
+            ("PLAC", "ORD-0000001"),
+            ("FILL", "ACC-0000001"),
         }
     assert pending["instantiatesUri"] == f"urn:safetynet:rule:{R1}|1.0.0"
     assert pending["description"] == (
@@ -67,8 +73,9 @@ def test_derby_scenario_gives_exactly_two_tasks_and_replaying_again_changes_noth
     assert pending["authoredOn"] == "2008-05-01T14:15:00+01:00"
     assert pending["restriction"]["period"]["end"] == "2008-05-02T14:15:00+01:00"
     assert review["partOf"][0]["identifier"]["value"] == pending["identifier"][0]["value"]
-    assert "The final report is abnormal; the preliminary report was normal." in (
-        review["description"]
+    assert (
+        "The final report is abnormal; the preliminary report was normal."
+        in (review["description"])
     )
 
     again = replay(str(DERBY), "--db", db)
@@ -99,8 +106,7 @@ def test_rejected_and_unsupported_messages_are_reported_and_the_replay_goes_on(
         b"MSH|^~\\&|LAB|RX1|SAFETYNET|RX1|20080501090000||SIU^S12|X-1|P|2.5\r"
         b"SCH|1\n"
         b"MSH|^~\\&|PAS|RX1|SAFETYNET|RX1|20080501090000||ADT^A04|X-2|P|2.5\r"
-        b"PID|1||\r\n"
-        + (DERBY / "01_adt_a04_registration.hl7").read_bytes()
+        b"PID|1||\r\n" + (DERBY / "01_adt_a04_registration.hl7").read_bytes()
     )
     result = replay(str(bad))
     assert result.returncode == 0
@@ -122,7 +128,11 @@ def test_replay_of_synthetic_traffic_runs_clean(tmp_path: Path, fmt: str) -> Non
     out = tmp_path / "synth.hl7"
     made = subprocess.run(
         [sys.executable, "-m", "adapters.cli", "synth", str(out), "--patients", "150"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=True,
     )
     assert "messages" in made.stderr
     result = replay(str(out), "--format", fmt, "--until", "2026-02-01T00:00:00+00:00")

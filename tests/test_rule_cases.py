@@ -19,9 +19,7 @@ def catalogue() -> Catalogue:
     return CATALOGUE
 
 
-@pytest.mark.parametrize(
-    ("rule_id", "path"), CASES, ids=[f"{r}/{p.stem}" for r, p in CASES]
-)
+@pytest.mark.parametrize(("rule_id", "path"), CASES, ids=[f"{r}/{p.stem}" for r, p in CASES])
 def test_case(rule_id: str, path: Path, catalogue: Catalogue) -> None:
     result = run_case(load_case(path, catalogue.site.timezone), catalogue)
     assert result.passed, f"{path.name}: " + "; ".join(result.problems)
@@ -32,7 +30,9 @@ def test_rule_folder_has_recall_and_no_recall_cases_and_readme(rule: object) -> 
     from engine.catalogue import Rule
 
     assert isinstance(rule, Rule)
-    kinds = {load_case(p, CATALOGUE.site.timezone).kind for p in (rule.path / "cases").glob("*.toml")}
+    kinds = {
+        load_case(p, CATALOGUE.site.timezone).kind for p in (rule.path / "cases").glob("*.toml")
+    }
     assert kinds == {"recall", "no-recall"}, f"{rule.id} needs both kinds of case, has {kinds}"
     readme = (rule.path / "README.md").read_text()
     assert "## Sources" in readme and "## Rationale" in readme
@@ -47,7 +47,10 @@ def test_a_failing_case_says_what_was_missing_in_plain_words(
     folder = tmp_path / "imaging-pending-at-discharge" / "cases"
     folder.mkdir(parents=True)
     text = src.read_text().replace('kind = "no-recall"', 'kind = "recall"')
-    text += '\n[[expect]]\nrule = "imaging-pending-at-discharge"\norder = "ORD-1"\npriority = "urgent"\n'
+    text += (
+        '\n[[expect]]\nrule = "imaging-pending-at-discharge"\norder = "ORD-1"\n'
+        'priority = "urgent"\n'
+    )
     case_path = folder / "wrong.toml"
     case_path.write_text(text)
     result = run_case(load_case(case_path, catalogue.site.timezone), catalogue)

@@ -90,11 +90,15 @@ class _Events:
 
     def ordered(self, at: datetime, visit: str, placer: str) -> ImagingOrdered:
         return ImagingOrdered(
-            **self._common(at, visit), order=OrderRef(placer, "RIS"),
-            procedure_name="XR chest", section="RAD",
+            **self._common(at, visit),
+            order=OrderRef(placer, "RIS"),
+            procedure_name="XR chest",
+            section="RAD",
         )
 
-    def report(self, at: datetime, placer: str, status: str, flags: tuple[str, ...] = ()) -> ReportIssued:
+    def report(
+        self, at: datetime, placer: str, status: str, flags: tuple[str, ...] = ()
+    ) -> ReportIssued:
         return ReportIssued(
             **self._common(at), order=OrderRef(placer, "RIS"), status=status, flags=flags
         )
@@ -153,7 +157,9 @@ def test_engine_ids_are_rekeyed_when_their_hashes_clash(monkeypatch: pytest.Monk
     ids = RuleCore._engine_ids(3, "e1")
     assert ids == ["f0", "f1.1", "f2"]
     core = RuleCore({"x": when_all(c.o << (m.kind == "order")).define()})
-    matches = core.evaluate([("a", {"kind": "order"}), ("b", {"kind": "order"}), ("c", {"kind": "order"})])
+    matches = core.evaluate(
+        [("a", {"kind": "order"}), ("b", {"kind": "order"}), ("c", {"kind": "order"})]
+    )
     assert sorted(mt.facts["o"] for mt in matches) == ["a", "b", "c"]
     rulecore._ID_CACHE.clear()  # do not leave ids made with the patched hash behind
 
@@ -173,7 +179,13 @@ def test_the_engine_really_misjudges_none_and_or() -> None:
 
     def fires(definition: dict[str, Any], facts: list[dict[str, Any]]) -> bool:
         fired: list[int] = []
-        host = rulecore._SyncHost({"probe" + str(id(definition)): {"x": {**definition, "run": lambda c_: fired.append(1)}}})
+        host = rulecore._SyncHost(
+            {
+                "probe" + str(id(definition)): {
+                    "x": {**definition, "run": lambda c_: fired.append(1)}
+                }
+            }
+        )
         name = "probe" + str(id(definition))
         host.assert_facts(name, [dict(f, id=f"f{i}", sid="s1") for i, f in enumerate(facts)])
         return bool(fired)
@@ -181,9 +193,7 @@ def test_the_engine_really_misjudges_none_and_or() -> None:
     discharge = {"kind": "d", "at": 1000}
     # A final report at 900 (before the discharge at 1000) must block "none reported by then";
     # the engine's none() right after `d` lets it through.
-    blocked = when_all(
-        c.d << (m.kind == "d"), none((m.kind == "r") & (m.at <= c.d.at))
-    ).define()
+    blocked = when_all(c.d << (m.kind == "d"), none((m.kind == "r") & (m.at <= c.d.at))).define()
     assert fires(blocked, [discharge, {"kind": "r", "at": 900}]) is True
     # An $or before a comparison with another fact breaks the comparison: a report at 2000
     # is not "at or before 1000", yet it matches.
@@ -214,12 +224,24 @@ def test_an_error_while_building_a_task_fails_the_evaluation() -> None:
     processor = Processor(CATALOGUE, task_resource)
     memory = working_memory(
         [
-            Fact("discharge:V", "discharge", {"kind": "discharge", "enc": "V", "at": 1000,
-                                             "leaves_care": 1, "cancelled": 0}),
+            Fact(
+                "discharge:V",
+                "discharge",
+                {"kind": "discharge", "enc": "V", "at": 1000, "leaves_care": 1, "cancelled": 0},
+            ),
             Fact("patient", "patient", {"kind": "patient", "birth_at": 0}),
             # an order without "okey" cannot name its Task
-            Fact("order:X", "order", {"kind": "order", "enc": "V", "imaging": 1,
-                                      "ordered_at": 10, "cancelled_at": NEVER}),
+            Fact(
+                "order:X",
+                "order",
+                {
+                    "kind": "order",
+                    "enc": "V",
+                    "imaging": 1,
+                    "ordered_at": 10,
+                    "cancelled_at": NEVER,
+                },
+            ),
         ],
         datetime.fromtimestamp(10_000, UTC),
         TZ,
@@ -255,11 +277,13 @@ def test_colliding_patient_keys_do_not_affect_each_other() -> None:
     processor = CheckedProcessor()
     a, b = _Events("MRN00412789"), _Events("MRN00649192")
     events = [
-        a.registered(T0, "VA"), b.registered(T0, "VB"),
+        a.registered(T0, "VA"),
+        b.registered(T0, "VB"),
         a.ordered(T0 + timedelta(minutes=5), "VA", "ORD-A"),
         b.ordered(T0 + timedelta(minutes=5), "VB", "ORD-B"),
         b.report(T0 + timedelta(minutes=30), "ORD-B", "final"),  # B's is final before discharge
-        a.discharged(T0 + timedelta(hours=1), "VA"), b.discharged(T0 + timedelta(hours=1), "VB"),
+        a.discharged(T0 + timedelta(hours=1), "VA"),
+        b.discharged(T0 + timedelta(hours=1), "VB"),
     ]
     with store.begin() as uow:
         _run(events, processor, uow)
@@ -280,15 +304,33 @@ def _history(rng: random.Random, i: int) -> list[Any]:
     events: list[Any] = [ev.registered(start, f"V{i}")]
     for k in range(rng.randint(1, 3)):
         placer = f"ORD-{i:06d}-{k}"
-        events.append(ev.ordered(start + timedelta(seconds=rng.randrange(60, 600)), f"V{i}", placer))
+        events.append(
+            ev.ordered(start + timedelta(seconds=rng.randrange(60, 600)), f"V{i}", placer)
+        )
         if rng.random() < 0.6:
-            events.append(ev.report(start + timedelta(seconds=rng.randrange(700, 1800)), placer,
-                                    "preliminary", (rng.choice(["N", "A", ""]),)))
+            events.append(
+                ev.report(
+                    start + timedelta(seconds=rng.randrange(700, 1800)),
+                    placer,
+                    "preliminary",
+                    (rng.choice(["N", "A", ""]),),
+                )
+            )
         if rng.random() < 0.8:
             after = rng.random() < 0.7
-            at = discharge + timedelta(minutes=rng.randrange(1, 600)) if after else start + timedelta(seconds=rng.randrange(1800, 3500))
-            events.append(ev.report(at, placer, rng.choice(["final", "final", "corrected"]),
-                                    (rng.choice(["N", "A", "", "HH"]),)))
+            at = (
+                discharge + timedelta(minutes=rng.randrange(1, 600))
+                if after
+                else start + timedelta(seconds=rng.randrange(1800, 3500))
+            )
+            events.append(
+                ev.report(
+                    at,
+                    placer,
+                    rng.choice(["final", "final", "corrected"]),
+                    (rng.choice(["N", "A", "", "HH"]),),
+                )
+            )
     events.append(ev.discharged(discharge, f"V{i}"))
     if rng.random() < 0.05:
         events.append(ev.admitted(discharge + timedelta(minutes=rng.randrange(1, 30)), f"W{i}"))
@@ -302,10 +344,14 @@ def test_2000_interleaved_patients_give_exactly_the_plain_python_tasks(tmp_path:
     # Orders are placed in the first hour and discharges come after it: at the first discharge,
     # count the patients holding an order with no final report yet (the engine's cap: 1,024).
     first_discharge = min(e.occurred_at for e in events if isinstance(e, PatientDischarged))
-    finals = {e.order.placer for e in events
-              if isinstance(e, ReportIssued) and e.occurred_at <= first_discharge}
-    pending = {e.patient for e in events
-               if isinstance(e, ImagingOrdered) and e.order.placer not in finals}
+    finals = {
+        e.order.placer
+        for e in events
+        if isinstance(e, ReportIssued) and e.occurred_at <= first_discharge
+    }
+    pending = {
+        e.patient for e in events if isinstance(e, ImagingOrdered) and e.order.placer not in finals
+    }
     assert max(e.occurred_at for e in events if isinstance(e, ImagingOrdered)) < first_discharge
     assert len(pending) > 1024
     store = open_store(f"sqlite:///{tmp_path / 'many.db'}")
@@ -334,34 +380,62 @@ _report = st.fixed_dictionaries(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     discharges=st.lists(
-        st.fixed_dictionaries({
-            "enc": st.sampled_from(["V1", "V2"]), "at": st.integers(500, 2500),
-            "leaves_care": st.sampled_from([0, 1, 1, 1]), "cancelled": st.sampled_from([0, 0, 1]),
-        }), min_size=1, max_size=2, unique_by=lambda d: d["enc"]),
+        st.fixed_dictionaries(
+            {
+                "enc": st.sampled_from(["V1", "V2"]),
+                "at": st.integers(500, 2500),
+                "leaves_care": st.sampled_from([0, 1, 1, 1]),
+                "cancelled": st.sampled_from([0, 0, 1]),
+            }
+        ),
+        min_size=1,
+        max_size=2,
+        unique_by=lambda d: d["enc"],
+    ),
     orders=st.lists(
-        st.fixed_dictionaries({
-            "okey": st.sampled_from(["O1", "O2"]), "enc": st.sampled_from(["V1", "V2"]),
-            "imaging": st.sampled_from([0, 1, 1]), "ordered_at": st.integers(0, 3000),
-            "cancelled_at": st.sampled_from([NEVER, 100, 1500, 3000]),
-        }), max_size=2, unique_by=lambda o: o["okey"]),
+        st.fixed_dictionaries(
+            {
+                "okey": st.sampled_from(["O1", "O2"]),
+                "enc": st.sampled_from(["V1", "V2"]),
+                "imaging": st.sampled_from([0, 1, 1]),
+                "ordered_at": st.integers(0, 3000),
+                "cancelled_at": st.sampled_from([NEVER, 100, 1500, 3000]),
+            }
+        ),
+        max_size=2,
+        unique_by=lambda o: o["okey"],
+    ),
     reports=st.lists(_report, max_size=5),
     admissions=st.lists(st.integers(0, 4000), max_size=2),
     birth=st.sampled_from([None, -60 * 86400, -400 * 86400, -900 * 86400]),
     now=st.integers(0, 6000),
 )
 def test_random_histories_engine_equals_plain_python(
-    discharges: list[dict[str, Any]], orders: list[dict[str, Any]], reports: list[dict[str, Any]],
-    admissions: list[int], birth: int | None, now: int,
+    discharges: list[dict[str, Any]],
+    orders: list[dict[str, Any]],
+    reports: list[dict[str, Any]],
+    admissions: list[int],
+    birth: int | None,
+    now: int,
 ) -> None:
-    facts = [Fact(f"discharge:{d['enc']}", "discharge", {"kind": "discharge", **d}) for d in discharges]
-    facts += [Fact(f"order:{o['okey']}", "order", {"kind": "order", "name": "XR", **o}) for o in orders]
+    facts = [
+        Fact(f"discharge:{d['enc']}", "discharge", {"kind": "discharge", **d}) for d in discharges
+    ]
     facts += [
-        Fact(f"report:{r['okey']}:{n}", "report",
-             {"kind": "report", "final": int(r["status"] in ("F", "C")), **r})
+        Fact(f"order:{o['okey']}", "order", {"kind": "order", "name": "XR", **o}) for o in orders
+    ]
+    facts += [
+        Fact(
+            f"report:{r['okey']}:{n}",
+            "report",
+            {"kind": "report", "final": int(r["status"] in ("F", "C")), **r},
+        )
         for n, r in enumerate(reports)
     ]
-    facts += [Fact(f"admission:A{n}", "admission", {"kind": "admission", "at": a, "cancelled": 0})
-              for n, a in enumerate(admissions)]
+    facts += [
+        Fact(f"admission:A{n}", "admission", {"kind": "admission", "at": a, "cancelled": 0})
+        for n, a in enumerate(admissions)
+    ]
     if birth is not None:
         facts.append(Fact("patient", "patient", {"kind": "patient", "birth_at": birth}))
     memory = working_memory(facts, datetime.fromtimestamp(now + 900, UTC), TZ)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone, tzinfo
+from typing import Any
 
 from adapters.errors import MappingError, UnsupportedMessage
 from adapters.hl7v2.er7 import Message, Segment
@@ -68,8 +69,13 @@ def parse_ts(value: str, tz: tzinfo, where: str) -> datetime:
     year, month, day, hour, minute, second, frac, sign, off_h, off_m = match.groups()
     try:
         naive = datetime(
-            int(year), int(month or 1), int(day or 1), int(hour or 0), int(minute or 0),
-            int(second or 0), int((frac or "0").ljust(6, "0")[:6]),
+            int(year),
+            int(month or 1),
+            int(day or 1),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            int((frac or "0").ljust(6, "0")[:6]),
         )
     except ValueError as exc:
         raise MappingError(f"{where} is not a valid date/time: {value[:40]!r}", where) from exc
@@ -143,6 +149,7 @@ def _visit(pv1: Segment | None) -> Visit:
 
 def _order_ref(orc: Segment | None, obr: Segment | None) -> OrderRef:
     """Placer and filler numbers: ORC-2/3, else OBR-2/3 (EI: id ^ namespace)."""
+
     def pick(field_orc: int, field_obr: int) -> tuple[str, str]:
         for segment, field in ((orc, field_orc), (obr, field_obr)):
             if segment is not None and segment.get(field):
@@ -228,7 +235,7 @@ class Mapper:
         patient = _patient(message.segment("PID"), tz)
         if patient is None or not patient.identifiers:
             raise MappingError("ADT message without a patient identifier", "PID-3")
-        common = dict(
+        common: dict[str, Any] = dict(
             source=source,
             occurred_at=occurred,
             received_at=received_at,
@@ -237,22 +244,20 @@ class Mapper:
         )
         visit = _visit(pv1)
         if trigger in ("A01", "A06"):
-            return [PatientAdmitted(**common, visit=visit)]  # type: ignore[arg-type]
+            return [PatientAdmitted(**common, visit=visit)]
         if trigger == "A02":
-            return [PatientTransferred(**common, visit=visit)]  # type: ignore[arg-type]
+            return [PatientTransferred(**common, visit=visit)]
         if trigger == "A03":
-            return [PatientDischarged(**common, visit=visit)]  # type: ignore[arg-type]
+            return [PatientDischarged(**common, visit=visit)]
         if trigger == "A04":
-            return [PatientRegistered(**common, visit=visit)]  # type: ignore[arg-type]
+            return [PatientRegistered(**common, visit=visit)]
         if trigger == "A08":
             discharged = _first_time(tz, (pv1, 45, "PV1-45"))
-            return [
-                PatientUpdated(**common, visit=visit, discharged_at=discharged)  # type: ignore[arg-type]
-            ]
+            return [PatientUpdated(**common, visit=visit, discharged_at=discharged)]
         if trigger == "A11":
-            return [AdmissionCancelled(**common)]  # type: ignore[arg-type]
+            return [AdmissionCancelled(**common)]
         if trigger == "A13":
-            return [DischargeCancelled(**common)]  # type: ignore[arg-type]
+            return [DischargeCancelled(**common)]
         raise UnsupportedMessage(f"ADT event {trigger or '(none)'} is not supported", "MSH-9")
 
     def _merges(
@@ -272,8 +277,11 @@ class Mapper:
                     raise MappingError("A40 needs PID-3 and MRG-1 for each merge", "MRG-1")
                 events.append(
                     PatientsMerged(
-                        source=source, occurred_at=occurred, received_at=received_at,
-                        patient=patient, prior=prior,
+                        source=source,
+                        occurred_at=occurred,
+                        received_at=received_at,
+                        patient=patient,
+                        prior=prior,
                     )
                 )
         if not events:
@@ -299,14 +307,18 @@ class Mapper:
             ref = _order_ref(orc, obr)
             if not ref.tokens():
                 raise MappingError("order without a placer or filler number", "ORC-2")
-            common = dict(
-                source=source, occurred_at=occurred, received_at=received_at,
-                patient=patient, encounter=encounter, order=ref,
+            common: dict[str, Any] = dict(
+                source=source,
+                occurred_at=occurred,
+                received_at=received_at,
+                patient=patient,
+                encounter=encounter,
+                order=ref,
             )
             if control == "NW":
                 events.append(
                     ImagingOrdered(
-                        **common,  # type: ignore[arg-type]
+                        **common,
                         procedure_code=obr.get(4) if obr is not None else "",
                         procedure_name=obr.get(4, 2) if obr is not None else "",
                         section=obr.get(24) if obr is not None else "",
@@ -314,11 +326,12 @@ class Mapper:
                     )
                 )
             elif control in CANCEL_CONTROLS:
-                events.append(OrderCancelled(**common, control=control))  # type: ignore[arg-type]
+                events.append(OrderCancelled(**common, control=control))
             elif control in CHANGE_CONTROLS:
                 events.append(
                     OrderChanged(
-                        **common, control=control,  # type: ignore[arg-type]
+                        **common,
+                        control=control,
                         order_status=orc.get(5) if orc is not None else "",
                     )
                 )
@@ -351,15 +364,21 @@ class Mapper:
             ref = _order_ref(orc, obr)
             if not ref.tokens():
                 raise MappingError("result without a placer or filler order number", "OBR-2")
-            occurred = _first_time(tz, (obr, 22, "OBR-22")) or next(
-                (parse_ts(o.get(14), tz, "OBX-14") for o in obxs if o.get(14)), None
-            ) or fallback_time()
-            common = dict(
-                source=source, occurred_at=occurred, received_at=received_at,
-                patient=patient, encounter=encounter, order=ref,
+            occurred = (
+                _first_time(tz, (obr, 22, "OBR-22"))
+                or next((parse_ts(o.get(14), tz, "OBX-14") for o in obxs if o.get(14)), None)
+                or fallback_time()
+            )
+            common: dict[str, Any] = dict(
+                source=source,
+                occurred_at=occurred,
+                received_at=received_at,
+                patient=patient,
+                encounter=encounter,
+                order=ref,
             )
             if status == "cancelled":
-                events.append(OrderCancelled(**common, control="OBR-25 X"))  # type: ignore[arg-type]
+                events.append(OrderCancelled(**common, control="OBR-25 X"))
                 continue
             flags = tuple(
                 flag
@@ -369,7 +388,7 @@ class Mapper:
             )
             events.append(
                 ReportIssued(
-                    **common,  # type: ignore[arg-type]
+                    **common,
                     status=status,
                     flags=flags,
                     procedure_code=obr.get(4) if obr is not None else "",
@@ -402,11 +421,15 @@ class Mapper:
                     statuses[index] = "final"
             elif code == "X":
                 statuses[index] = "cancelled"
-            elif "U" in obx_status or not code and "F" in obx_status:
+            elif "U" in obx_status or (not code and "F" in obx_status):
                 statuses[index] = "final"
         tz = self.settings.timezone
         return self._report_events(
-            message, source, received_at, groups, statuses,
+            message,
+            source,
+            received_at,
+            groups,
+            statuses,
             lambda: _first_time(tz, (msh, 7, "MSH-7")) or received_at,
         )
 
@@ -435,9 +458,12 @@ class Mapper:
             return []  # dictated or in progress: not yet a report
         tz = self.settings.timezone
         evn = message.segment("EVN")
-        occurred = _first_time(
-            tz, (evn, 6, "EVN-6"), (evn, 2, "EVN-2"), (txa, 4, "TXA-4"), (msh, 7, "MSH-7")
-        ) or received_at
+        occurred = (
+            _first_time(
+                tz, (evn, 6, "EVN-6"), (evn, 2, "EVN-2"), (txa, 4, "TXA-4"), (msh, 7, "MSH-7")
+            )
+            or received_at
+        )
         groups = [g for g in _order_groups(message) if g[1] is not None]
         if not groups:
             # TXA-14 / TXA-15 (placer / filler order number) name the order.
@@ -450,12 +476,21 @@ class Mapper:
             flags = tuple(f for o in message.all("OBX") if (f := o.get(8)))
             return [
                 ReportIssued(
-                    source=source, occurred_at=occurred, received_at=received_at,
-                    patient=patient, encounter=pv1.get(19) if pv1 is not None else "",
-                    order=ref, status=status, flags=flags,
+                    source=source,
+                    occurred_at=occurred,
+                    received_at=received_at,
+                    patient=patient,
+                    encounter=pv1.get(19) if pv1 is not None else "",
+                    order=ref,
+                    status=status,
+                    flags=flags,
                 )
             ]
         return self._report_events(
-            message, source, received_at, groups, dict.fromkeys(range(len(groups)), status),
+            message,
+            source,
+            received_at,
+            groups,
+            dict.fromkeys(range(len(groups)), status),
             lambda: occurred,
         )

@@ -620,7 +620,7 @@ class SqlUnitOfWork:
         if not facts:
             return
         now = self._now()
-        by_key = {
+        by_key: dict[str, dict[str, Any]] = {
             fact.key: {
                 "patient_key": patient_key,
                 "key": fact.key,

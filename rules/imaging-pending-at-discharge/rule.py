@@ -24,7 +24,6 @@ from engine.tasks import (
     RecallTask,
     RuleMatch,
     local_time,
-    person,
     plus_hours,
     responsible_clinician,
     when,
@@ -44,9 +43,7 @@ def conditions(p: Mapping[str, Any], site: Site) -> Mapping[str, Mapping[str, An
 
 
 def _state_at_discharge(match: RuleMatch, order: Mapping[str, Any], at: int) -> str:
-    reports = [
-        r for r in match.of_kind("report") if r["okey"] == order["okey"] and r["at"] <= at
-    ]
+    reports = [r for r in match.of_kind("report") if r["okey"] == order["okey"] and r["at"] <= at]
     if any(r["status"] == "P" for r in reports):
         return "had only a preliminary report"
     return "had not been reported"

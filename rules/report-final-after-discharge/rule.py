@@ -28,7 +28,6 @@ from engine.tasks import (
     RecallTask,
     RuleMatch,
     local_time,
-    person,
     plus_hours,
     responsible_clinician,
     task_identifier,
@@ -74,7 +73,10 @@ def _finding(final: Mapping[str, Any], prelim: Mapping[str, Any] | None) -> tupl
     if changed and prelim is not None:
         was = "abnormal" if _abnormal_flags(prelim) else "normal"
         if was == word:
-            return True, f"The final report is {word} and its findings differ from the preliminary report."
+            return (
+                True,
+                f"The final report is {word} and its findings differ from the preliminary report.",
+            )
         return True, f"The final report is {word}; the preliminary report was {was}."
     if abnormal:
         return True, "The final report is abnormal."
