@@ -15,11 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The service on the embedded default (SQLite under ./var). Until `safetynet serve` exists,
-# this replays the bundled Derby-like demo into ./var/safetynet.db and prints its Tasks.
+# Until `safetynet serve` lands, `run` replays the bundled Derby-like scenario on the embedded
+# default (a temporary SQLite database) and prints the Tasks it raises.
 run: setup
-	mkdir -p var
-	$(BIN)/safetynet replay tests/fixtures/hl7v2/derby --db sqlite:///var/safetynet.db --format text
+	$(BIN)/safetynet replay tests/fixtures/hl7v2/derby --format text
 
 test: setup
 	$(BIN)/python -m pytest -q

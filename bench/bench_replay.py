@@ -14,8 +14,8 @@ a temporary file, then measures:
   sample (every k-th message of each message type, so types keep their share of the traffic);
 * the fast ER7 reader alone (`read_message` over every message): a second ceiling.
 
-The goal (DESIGN.md, Performance) is replay >= 25x hl7apy parse-only. Ratios, not absolute
-times, are what to compare between machines. Never asserts on timing: exits 0 unless the code
+The goal (issue "HL7 v2 in, recall tasks out") is replay >= 25x hl7apy parse-only. Ratios,
+not absolute times, are what to compare between machines. Never asserts on timing: exits 0 unless the code
 under test fails. Prints a table and writes the same numbers as JSON (default bench/out/).
 """
 

@@ -1,0 +1,108 @@
+"""Ingest: inbox first, duplicates have no second effect, bad input is kept with a reason,
+and a rule that cannot be evaluated fails closed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from adapters.bootstrap import App, build_replay_app
+from engine.errors import RuleEvaluationError
+
+ROOT = Path(__file__).resolve().parents[1]
+DERBY = ROOT / "tests" / "fixtures" / "hl7v2" / "derby"
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def derby(n: int) -> str:
+    return sorted(DERBY.glob("*.hl7"))[n - 1].read_bytes().decode()
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    built = build_replay_app("sqlite://", ROOT / "rules")
+    yield built
+    built.close()
+
+
+def rows(app: App, sql: str) -> list[tuple]:
+    with app.store.begin() as uow:
+        return [tuple(r) for r in uow.connection.execute(text(sql))]
+
+
+def test_a_redelivered_message_is_answered_again_and_has_no_second_effect(app: App) -> None:
+    with app.store.begin() as uow:
+        first = app.ingest.ingest(uow, derby(1), NOW)
+        again = app.ingest.ingest(uow, derby(1), NOW)
+    assert (first.ack_code, first.duplicate) == ("AA", False)
+    assert (again.ack_code, again.duplicate, again.inbox_id) == ("AA", True, first.inbox_id)
+    assert rows(app, "select count(*) from inbox") == [(1,)]
+
+
+def test_the_same_control_id_with_other_content_is_kept_processed_and_reported(app: App) -> None:
+    changed = derby(1).replace("PAEDED", "ED")
+    with app.store.begin() as uow:
+        app.ingest.ingest(uow, derby(1), NOW)
+        second = app.ingest.ingest(uow, changed, NOW)
+    assert second.ack_code == "AA" and not second.duplicate and second.control_id_reused
+    assert rows(app, "select control_id, state from inbox order by id") == [
+        ("DERBY-0001", "processed"),
+        ("DERBY-0001", "processed"),
+    ]
+
+
+def test_unreadable_input_is_kept_in_quarantine_with_its_reason(app: App) -> None:
+    garbage = "this is not HL7\rPID|1"
+    with app.store.begin() as uow:
+        result = app.ingest.ingest(uow, garbage, NOW)
+    assert result.ack_code == "AR"
+    assert "MSH" in result.reason
+    assert rows(app, "select raw, state from inbox") == [(garbage, "quarantined")]
+    assert rows(app, "select reason, ack_code from quarantine") == [(result.reason, "AR")]
+
+
+def test_a_result_that_links_to_nothing_is_quarantined_not_guessed(app: App) -> None:
+    orphan = derby(5).replace("ORD-0000001", "ORD-UNKNOWN").replace("ACC-0000001", "ACC-UNKNOWN")
+    orphan = "\r".join(s for s in orphan.split("\r") if not s.startswith(("PID", "PV1")))
+    with app.store.begin() as uow:
+        result = app.ingest.ingest(uow, orphan, NOW)
+    assert result.ack_code == "AE"
+    assert result.reason.startswith("result names no known order")
+    assert rows(app, "select state from inbox") == [("quarantined",)]
+    assert rows(app, "select count(*) from facts") == [(0,)]
+
+
+def test_a_result_without_patient_group_links_through_its_order(app: App) -> None:
+    bare = "\r".join(s for s in derby(5).split("\r") if not s.startswith(("PID", "PV1")))
+    with app.store.begin() as uow:
+        for n in (1, 2, 3, 4):
+            assert app.ingest.ingest(uow, derby(n), NOW).ack_code == "AA"
+        result = app.ingest.ingest(uow, bare, NOW)
+    assert result.ack_code == "AA"
+    assert {t.rule_id for t in result.tasks} == {
+        "imaging-pending-at-discharge",
+        "report-final-after-discharge",
+    }
+
+
+def test_a_rule_engine_failure_fails_closed(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    with app.store.begin() as uow:
+        for n in (1, 2, 3):
+            app.ingest.ingest(uow, derby(n), NOW)
+
+    def broken(*_: object) -> list:
+        raise RuleEvaluationError("engine kept 3 of 4 facts")
+
+    monkeypatch.setattr(app.processor._core, "evaluate", broken)
+    with app.store.begin() as uow:
+        result = app.ingest.ingest(uow, derby(4), NOW)
+    assert result.ack_code == "AE"
+    assert result.reason == "rules could not be evaluated: engine kept 3 of 4 facts"
+    # stored, not processed, nothing of it applied, and a review item exists
+    assert rows(app, "select state from inbox where control_id = 'DERBY-0004'") == [("failed",)]
+    assert rows(app, "select count(*) from facts where key like 'discharge:%'") == [(0,)]
+    assert rows(app, "select reason from quarantine") == [(result.reason,)]
