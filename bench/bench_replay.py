@@ -15,8 +15,8 @@ a temporary file, then measures:
 * the fast ER7 reader alone (`read_message` over every message): a second ceiling.
 
 The goal (issue "HL7 v2 in, recall tasks out") is replay >= 25x hl7apy parse-only. Ratios,
-not absolute times, are what to compare between machines. Never asserts on timing: exits 0 unless the code
-under test fails. Prints a table and writes the same numbers as JSON (default bench/out/).
+not absolute times, are what to compare between machines. Never asserts on timing: exits 0
+unless the code under test fails. Prints a table and writes the same numbers as JSON (default bench/out/).
 """
 
 from __future__ import annotations
