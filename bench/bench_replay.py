@@ -16,7 +16,8 @@ a temporary file, then measures:
 
 The goal (issue "HL7 v2 in, recall tasks out") is replay >= 25x hl7apy parse-only. Ratios,
 not absolute times, are what to compare between machines. Never asserts on timing: exits 0
-unless the code under test fails. Prints a table and writes the same numbers as JSON (default bench/out/).
+unless the code under test fails. Prints a table and writes the same numbers as JSON
+(default bench/out/).
 """
 
 from __future__ import annotations
