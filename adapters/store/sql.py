@@ -44,11 +44,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.expression import BindParameter
 
 from adapters.store import schema
@@ -235,7 +234,7 @@ class _Statements:
             "created_at",
             "record_incomplete",
         )
-        slots = [p(f"t{i}") for i in range(IN_SLOTS)]
+        slots: list[BindParameter[str]] = [p(f"t{i}") for i in range(IN_SLOTS)]
         self.patients_for = prepare(
             select(aliases.c.token, aliases.c.patient_key).where(aliases.c.token.in_(slots)),
             *(f"t{i}" for i in range(IN_SLOTS)),
@@ -349,8 +348,11 @@ class _Statements:
 
         # --- tasks ---
         self._tasks_table = tasks
-        self.task_get = select(*(tasks.c[name] for name in _TASK_COLUMNS)).where(
-            tasks.c.identifier == p("identifier")
+        self.task_get = prepare(
+            select(*(tasks.c[name] for name in _TASK_COLUMNS)).where(
+                tasks.c.identifier == p("identifier")
+            ),
+            "identifier",
         )
         task_upsert = upsert(tasks)
         changed = (
@@ -395,14 +397,18 @@ class _Statements:
             "reason",
             "fired_at",
         )
-        self.due_timers = (
+        self.due_timers = prepare(
             select(due.c.id, due.c.patient_key, due.c.due_at, due.c.reason)
             .where(due.c.fired_at.is_(None), due.c.due_at <= p("until"))
             .order_by(due.c.due_at, due.c.id)
-            .limit(p("limit", type_=Integer()))
+            .limit(p("limit", type_=Integer())),
+            "until",
+            "limit",
         )
-        self.next_due = select(func.min(due.c.due_at)).where(due.c.fired_at.is_(None))
-        self.mark_fired = update(due).where(due.c.id == p("p_id")).values(fired_at=p("p_at"))
+        self.next_due = prepare(select(func.min(due.c.due_at)).where(due.c.fired_at.is_(None)), *())
+        self.mark_fired = prepare(
+            update(due).where(due.c.id == p("p_id")).values(fired_at=p("p_at")), "p_id", "p_at"
+        )
 
         # --- audit ---
         self.audit = insert(audit)
@@ -717,7 +723,8 @@ class SqlUnitOfWork:
     # --- tasks ---
     def get_task(self, identifier: str) -> StoredTask | None:
         """The current state of one Task, or None."""
-        row = self._run(self._sql.task_get, {"identifier": identifier}).first()
+        found = self._query(self._sql.task_get, {"identifier": identifier})
+        row = found[0] if found else None
         return None if row is None else _task(row)
 
     def put_task(self, task: StoredTask, at: datetime, reason: str) -> StoredTask:
@@ -789,7 +796,7 @@ class SqlUnitOfWork:
     def due_timers(self, until: datetime, limit: int = 1000) -> list[DueTimer]:
         """Unfired timers due at or before `until`, earliest first (ties by id), at most
         `limit`."""
-        rows = self._run(self._sql.due_timers, {"until": until, "limit": limit})
+        rows = self._query(self._sql.due_timers, {"until": until, "limit": limit})
         return [
             DueTimer(id=timer_id, patient_key=patient_key, due_at=due_at, reason=reason)
             for timer_id, patient_key, due_at, reason in rows
@@ -797,12 +804,12 @@ class SqlUnitOfWork:
 
     def next_due(self) -> datetime | None:
         """When the earliest unfired timer is due, or None when none is waiting."""
-        due_at: datetime | None = self._run(self._sql.next_due).scalar()
+        due_at: datetime | None = self._write(self._sql.next_due, {})
         return due_at
 
     def mark_fired(self, timer_id: int, at: datetime) -> None:
         """Record that a timer has been acted on; it is then never returned as due again."""
-        self._run(self._sql.mark_fired, {"p_id": timer_id, "p_at": at})
+        self._write(self._sql.mark_fired, {"p_id": timer_id, "p_at": at})
 
     # --- audit ---
     def audit(
