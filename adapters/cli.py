@@ -10,10 +10,11 @@ messages are reported one per line on stderr and do not stop a replay.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
@@ -96,35 +97,64 @@ class TaskPrinter:
 def replay(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Replay files of HL7 v2 messages in order, with event time as the clock."""
     files = _files(args.paths)
-    items = list(_messages(files))
     with tempfile.TemporaryDirectory(prefix="safetynet-") as tmp:
         db = args.db or f"sqlite:///{Path(tmp) / 'replay.db'}"
         try:
             app = build_replay_app(db, Path(args.rules))
         except ConfigurationError as exc:
             raise CliError(str(exc)) from exc
+        progress = Progress(err, sum(p.stat().st_size for p in files)) if err.isatty() else None
         try:
-            _replay(app, items, args.until, TaskPrinter(out, args.format), err)
+            _replay(app, _messages(files), args.until, TaskPrinter(out, args.format), err, progress)
         finally:
             app.close()
     return 0
 
 
+class Progress:
+    """A one-line progress bar on a terminal, by bytes of input read."""
+
+    WIDTH = 30
+
+    def __init__(self, err: TextIO, total_bytes: int) -> None:
+        self.err, self.total, self.done, self.messages = err, max(total_bytes, 1), 0, 0
+
+    def advance(self, message: str) -> None:
+        """Count one message (its length approximates the bytes it took)."""
+        self.done += len(message) + 1
+        self.messages += 1
+
+    def show(self) -> None:
+        """Redraw the bar."""
+        share = min(self.done / self.total, 1.0)
+        filled = int(share * self.WIDTH)
+        bar = "#" * filled + "." * (self.WIDTH - filled)
+        self.err.write(f"\r[{bar}] {share:4.0%} {self.messages:,} messages")
+        self.err.flush()
+
+    def close(self) -> None:
+        """End the bar's line."""
+        self.err.write("\n")
+
+
 def _replay(
     app: App,
-    items: Sequence[tuple[Path, str | Hl7ReadError]],
+    items: Iterable[tuple[Path, str | Hl7ReadError]],
     until: datetime | None,
     printer: TaskPrinter,
     err: TextIO,
+    progress: Progress | None = None,
 ) -> None:
-    progress = err.isatty() and len(items) >= 2000
-    for start in range(0, len(items), BATCH):
+    stream = iter(items)
+    while batch := list(itertools.islice(stream, BATCH)):
         created: list[StoredTask] = []
         with app.store.begin() as uow:
-            for path, item in items[start : start + BATCH]:
+            for path, item in batch:
                 if isinstance(item, Hl7ReadError):
                     err.write(f"{path}: -: rejected: {item.reason}\n")
                     continue
+                if progress is not None:
+                    progress.advance(item)
                 result = app.ingest.ingest(uow, item, datetime.now(UTC), origin=str(path))
                 created.extend(result.tasks)
                 if result.ack_code != "AA":
@@ -134,10 +164,10 @@ def _replay(
                         f"{path}: {result.control_id or '-'}: {what}: {result.reason}{where}\n"
                     )
         printer.emit(created)  # only after the batch is committed
-        if progress:
-            err.write(f"\r{min(start + BATCH, len(items))}/{len(items)} messages")
-    if progress:
-        err.write("\n")
+        if progress is not None:
+            progress.show()
+    if progress is not None:
+        progress.close()
     if until is not None:
         app.clock.advance(until)
         while True:
