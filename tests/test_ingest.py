@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from adapters.bootstrap import App, build_replay_app
@@ -106,3 +108,31 @@ def test_a_rule_engine_failure_fails_closed(app: App, monkeypatch: pytest.Monkey
     assert rows(app, "select state from inbox where control_id = 'DERBY-0004'") == [("failed",)]
     assert rows(app, "select count(*) from facts where key like 'discharge:%'") == [(0,)]
     assert rows(app, "select reason from quarantine") == [(result.reason,)]
+
+
+_FIELD_TEXT = st.text(alphabet=st.sampled_from(list("0123456789ABCZ^~&\\ -.:+")), max_size=20)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=st.integers(1, 5),
+    segment=st.integers(0, 6),
+    field=st.integers(1, 50),
+    value=_FIELD_TEXT,
+)
+def test_any_damaged_message_gets_an_answer_never_an_exception(
+    app: App, n: int, segment: int, field: int, value: str
+) -> None:
+    segments = derby(n).rstrip("\r").split("\r")
+    target = segments[segment % len(segments)].split("|")
+    if field < len(target):
+        target[field] = value
+    else:
+        target.extend([""] * (field - len(target)) + [value])
+    segments[segment % len(segments)] = "|".join(target)
+    with app.store.begin() as uow:
+        result = app.ingest.ingest(uow, "\r".join(segments), NOW)
+    assert result.ack_code in ("AA", "AE", "AR")
+    assert result.ack_code == "AA" or result.reason

@@ -187,3 +187,10 @@ def test_unsupported_and_wrong_content() -> None:
     assert info.value.location == "PID-3" and info.value.ack_code == "AE"
     with pytest.raises(MappingError, match="PID-7 is not an HL7 date/time"):
         events(msh("ADT^A03"), "EVN|A03|20080501140000", PID.replace("20080313", "13/03/2008"))
+
+
+def test_a_message_with_no_time_at_all_is_rejected_naming_the_field() -> None:
+    no_time = "MSH|^~\\&|RIS|RX1|SAFETYNET|RX1|||ORM^O01|C1|P|2.5"
+    with pytest.raises(MappingError, match="no event or message time") as info:
+        events(no_time, PID, seg("ORC", f1="NW", f2="ORD-1^RIS"))
+    assert info.value.location == "MSH-7"

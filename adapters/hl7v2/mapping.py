@@ -147,6 +147,40 @@ def _visit(pv1: Segment | None) -> Visit:
     )
 
 
+def _subject(message: Message, tz: tzinfo) -> tuple[Patient | None, str]:
+    """The patient (PID, optional in results) and visit number (PV1-19) of a message."""
+    pv1 = message.segment("PV1")
+    return _patient(message.segment("PID"), tz), pv1.get(19) if pv1 is not None else ""
+
+
+def _procedure(orc: Segment | None, obr: Segment | None) -> dict[str, Any]:
+    """What was ordered (OBR-4 code and text, OBR-24 section) and by whom (ORC-12, OBR-16)."""
+    return {
+        "procedure_code": obr.get(4) if obr is not None else "",
+        "procedure_name": obr.get(4, 2) if obr is not None else "",
+        "section": obr.get(24) if obr is not None else "",
+        "orderer": _clinician(orc, 12) or _clinician(obr, 16),
+    }
+
+
+def _flags(obxs: Sequence[Segment]) -> tuple[str, ...]:
+    """Every OBX-8 abnormal flag, repetitions included."""
+    return tuple(
+        flag
+        for obx in obxs
+        for rep in range(max(obx.repetitions(8), 1))
+        if (flag := obx.get(8, repetition=rep))
+    )
+
+
+def _message_time(msh: Segment, tz: tzinfo) -> datetime:
+    """MSH-7, the last resort for an event time; a message without one cannot be placed."""
+    at = _first_time(tz, (msh, 7, "MSH-7"))
+    if at is None:
+        raise MappingError("the message has no event or message time", "MSH-7")
+    return at
+
+
 def _order_ref(orc: Segment | None, obr: Segment | None) -> OrderRef:
     """Placer and filler numbers: ORC-2/3, else OBR-2/3 (EI: id ^ namespace)."""
 
@@ -226,10 +260,7 @@ class Mapper:
             (evn, 6, "EVN-6"),
             *([(pv1, 45, "PV1-45")] if trigger == "A03" else []),
             (evn, 2, "EVN-2"),
-            (msh, 7, "MSH-7"),
-        )
-        if occurred is None:
-            raise MappingError("the message has no event or message time", "MSH-7")
+        ) or _message_time(msh, tz)
         if trigger == "A40":
             return self._merges(message, source, occurred, received_at)
         patient = _patient(message.segment("PID"), tz)
@@ -294,16 +325,13 @@ class Mapper:
         self, message: Message, msh: Segment, source: SourceRef, received_at: datetime
     ) -> list[Event]:
         tz = self.settings.timezone
-        patient = _patient(message.segment("PID"), tz)
-        pv1 = message.segment("PV1")
-        encounter = pv1.get(19) if pv1 is not None else ""
+        patient, encounter = _subject(message, tz)
         events: list[Event] = []
         controls: list[str] = []
         for orc, obr, _ in _order_groups(message):
             control = orc.get(1) if orc is not None else ""
             controls.append(control or "(empty)")
-            occurred = _first_time(tz, (orc, 9, "ORC-9"), (msh, 7, "MSH-7"))
-            assert occurred is not None
+            occurred = _first_time(tz, (orc, 9, "ORC-9")) or _message_time(msh, tz)
             ref = _order_ref(orc, obr)
             if not ref.tokens():
                 raise MappingError("order without a placer or filler number", "ORC-2")
@@ -316,15 +344,7 @@ class Mapper:
                 order=ref,
             )
             if control == "NW":
-                events.append(
-                    ImagingOrdered(
-                        **common,
-                        procedure_code=obr.get(4) if obr is not None else "",
-                        procedure_name=obr.get(4, 2) if obr is not None else "",
-                        section=obr.get(24) if obr is not None else "",
-                        orderer=_clinician(orc, 12) or _clinician(obr, 16),
-                    )
-                )
+                events.append(ImagingOrdered(**common, **_procedure(orc, obr)))
             elif control in CANCEL_CONTROLS:
                 events.append(OrderCancelled(**common, control=control))
             elif control in CHANGE_CONTROLS:
@@ -353,9 +373,7 @@ class Mapper:
         fallback_time: Callable[[], datetime],
     ) -> list[Event]:
         tz = self.settings.timezone
-        patient = _patient(message.segment("PID"), tz)
-        pv1 = message.segment("PV1")
-        encounter = pv1.get(19) if pv1 is not None else ""
+        patient, encounter = _subject(message, tz)
         events: list[Event] = []
         for index, (orc, obr, obxs) in enumerate(groups):
             status = status_of.get(index)
@@ -380,22 +398,8 @@ class Mapper:
             if status == "cancelled":
                 events.append(OrderCancelled(**common, control="OBR-25 X"))
                 continue
-            flags = tuple(
-                flag
-                for obx in obxs
-                for rep in range(max(obx.repetitions(8), 1))
-                if (flag := obx.get(8, repetition=rep))
-            )
             events.append(
-                ReportIssued(
-                    **common,
-                    status=status,
-                    flags=flags,
-                    procedure_code=obr.get(4) if obr is not None else "",
-                    procedure_name=obr.get(4, 2) if obr is not None else "",
-                    section=obr.get(24) if obr is not None else "",
-                    orderer=_clinician(orc, 12) or _clinician(obr, 16),
-                )
+                ReportIssued(**common, status=status, flags=_flags(obxs), **_procedure(orc, obr))
             )
         return events
 
@@ -425,12 +429,7 @@ class Mapper:
                 statuses[index] = "final"
         tz = self.settings.timezone
         return self._report_events(
-            message,
-            source,
-            received_at,
-            groups,
-            statuses,
-            lambda: _first_time(tz, (msh, 7, "MSH-7")) or received_at,
+            message, source, received_at, groups, statuses, lambda: _message_time(msh, tz)
         )
 
     def _document(
@@ -458,12 +457,9 @@ class Mapper:
             return []  # dictated or in progress: not yet a report
         tz = self.settings.timezone
         evn = message.segment("EVN")
-        occurred = (
-            _first_time(
-                tz, (evn, 6, "EVN-6"), (evn, 2, "EVN-2"), (txa, 4, "TXA-4"), (msh, 7, "MSH-7")
-            )
-            or received_at
-        )
+        occurred = _first_time(
+            tz, (evn, 6, "EVN-6"), (evn, 2, "EVN-2"), (txa, 4, "TXA-4")
+        ) or _message_time(msh, tz)
         groups = [g for g in _order_groups(message) if g[1] is not None]
         if not groups:
             # TXA-14 / TXA-15 (placer / filler order number) name the order.
@@ -471,19 +467,17 @@ class Mapper:
             if not placer and not filler:
                 raise MappingError("radiology document names no order", "TXA-14")
             ref = OrderRef(placer, txa.get(14, 2), filler, txa.get(15, 2))
-            patient = _patient(message.segment("PID"), tz)
-            pv1 = message.segment("PV1")
-            flags = tuple(f for o in message.all("OBX") if (f := o.get(8)))
+            patient, encounter = _subject(message, tz)
             return [
                 ReportIssued(
                     source=source,
                     occurred_at=occurred,
                     received_at=received_at,
                     patient=patient,
-                    encounter=pv1.get(19) if pv1 is not None else "",
+                    encounter=encounter,
                     order=ref,
                     status=status,
-                    flags=flags,
+                    flags=_flags(message.all("OBX")),
                 )
             ]
         return self._report_events(
