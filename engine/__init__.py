@@ -16,7 +16,6 @@ from engine.errors import (
 from engine.events import (
     AdmissionCancelled,
     Clinician,
-    DeadlineReached,
     DischargeCancelled,
     Event,
     ImagingOrdered,
@@ -47,7 +46,6 @@ __all__ = [
     "Clinician",
     "Clock",
     "ConfigurationError",
-    "DeadlineReached",
     "DischargeCancelled",
     "EngineError",
     "Event",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -246,6 +246,3 @@ def load_catalogue(path: Path) -> Catalogue:
     if unknown:
         raise ConfigurationError(f"{path / 'settings.toml'}: no rule folder for {sorted(unknown)}")
     return Catalogue(rules=rules, site=site, path=path, raw_settings=settings)
-
-
-ConditionBuilder = Callable[[Mapping[str, Any], Site], Mapping[str, Mapping[str, Any]]]

@@ -211,13 +211,3 @@ class ReportIssued(Event):
     def abnormal(self) -> bool:
         """True when any observation carries an abnormal flag (anything but N or empty)."""
         return any(f not in ("", "N") for f in self.flags)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeadlineReached(Event):
-    """A due timer fired for this patient (internal; produced by the scheduler)."""
-
-    reason: str = ""
-
-
-REPORT_STATUSES = ("preliminary", "final", "corrected", "withdrawn")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -73,20 +73,6 @@ class DueTimer:
     patient_key: str
     due_at: datetime
     reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class QuarantineItem:
-    """A message kept for human review, with why it could not be processed."""
-
-    id: int
-    inbox_id: int | None
-    reason: str
-    ack_code: str
-    created_at: datetime
-    location: str = ""  # e.g. "PID-3" or "MSH-9"
-    resolved_at: datetime | None = None
-    detail: Mapping[str, Any] = field(default_factory=dict)
 
 
 class UnitOfWork(Protocol):

@@ -19,7 +19,6 @@ def test_engine_public_surface_is_pinned() -> None:
         "Clinician",
         "Clock",
         "ConfigurationError",
-        "DeadlineReached",
         "DischargeCancelled",
         "EngineError",
         "Event",
