@@ -127,7 +127,11 @@ class Processor:
             current = touched.get(patient_key)
             if current is None:
                 current = touched[patient_key] = by_key(uow.facts(patient_key))
-            changed = project(event, current, self.catalogue.site.facts, order_key)
+            changed = [
+                fact
+                for fact in project(event, current, self.catalogue.site.facts, order_key)
+                if fact.key not in current or current[fact.key].data != fact.data
+            ]
             if changed:
                 uow.put_facts(patient_key, changed)
                 current.update((f.key, f) for f in changed)

@@ -77,16 +77,65 @@ class Match:
     facts: Mapping[str, str]
 
 
-def _kinds_needed(definition: Mapping[str, Any]) -> frozenset[str]:
-    """The fact kinds a conjunctive rule binds: {"kind": X} directly under each alias."""
-    needed = set()
-    for pattern in definition.get("all", []):
-        for expression in pattern.values():
-            terms = expression.get("$and", [expression]) if isinstance(expression, Mapping) else []
-            for term in terms:
-                if isinstance(term, Mapping) and isinstance(term.get("kind"), str):
-                    needed.add(term["kind"])
-    return frozenset(needed)
+_COMPARE: dict[str, Callable[[Any, Any], bool]] = {
+    "$eq": lambda a, b: a == b,
+    "$neq": lambda a, b: a != b,
+    "$lt": lambda a, b: a < b,
+    "$lte": lambda a, b: a <= b,
+    "$gt": lambda a, b: a > b,
+    "$gte": lambda a, b: a >= b,
+}
+Test = tuple[str, str, Any]  # (operator, property, constant)
+
+
+def _constant_tests(expression: Any) -> list[Test]:
+    """The tests of one alias pattern that compare a property with a constant. Tests that
+    refer to another fact, or do arithmetic, are left out (they need the join)."""
+    if not isinstance(expression, Mapping):
+        return []
+    tests: list[Test] = []
+    for key, value in expression.items():
+        if key == "$and":
+            for term in value:
+                tests.extend(_constant_tests(term))
+        elif key in _COMPARE:
+            for prop, operand in value.items():
+                if isinstance(operand, (str, int, float, bool)):
+                    tests.append((key, prop, operand))
+        elif not key.startswith("$") and isinstance(value, (str, int, float, bool)):
+            tests.append(("$eq", key, value))
+    return tests
+
+
+def _alpha_filter(definition: Mapping[str, Any]) -> list[list[Test]]:
+    """For each alias of a conjunctive rule, its constant tests."""
+    return [
+        _constant_tests(expression)
+        for pattern in definition.get("all", [])
+        for expression in pattern.values()
+    ]
+
+
+def _passes(fact: Mapping[str, Any], tests: Sequence[Test]) -> bool:
+    """False only when a test certainly fails; anything uncertain (a missing property under
+    `!=`, text against a number) is left for the engine to decide."""
+    for op, prop, constant in tests:
+        value = fact.get(prop)
+        if value is None:
+            if op == "$neq":
+                continue
+            return False
+        if isinstance(value, str) != isinstance(constant, str):
+            continue
+        if not _COMPARE[op](value, constant):
+            return False
+    return True
+
+
+def _could_match(filters: Sequence[Sequence[Test]], facts: Sequence[Mapping[str, Any]]) -> bool:
+    """False only when some alias of the rule has no fact passing its constant tests: then
+    the rule cannot match, whatever its joins (the engine's alpha network, in Python)."""
+    return all(any(_passes(fact, tests) for fact in facts) for tests in filters)
 
 
 def _operators(node: Any) -> set[str]:
@@ -173,9 +222,10 @@ class RuleCore:
             rule = {k: v for k, v in definition.items() if k != "run"}
             rule["run"] = self._action(name)
             rules[name] = rule
-        # Kinds each plain rule needs (`kind == X` in every alias pattern): a patient lacking
-        # any of them cannot match, so the engine need not be asked (a pure short cut).
-        self._needs = [_kinds_needed(d) for name, d in definitions.items() if UNLESS not in name]
+        # Each plain rule's constant tests per alias (`kind == "discharge"`, `age_months < 24`):
+        # when some alias has no fact passing them the rule cannot match, and when no rule can,
+        # the engine need not be asked (a pure short cut; the differential tests cover it).
+        self._filters = [_alpha_filter(d) for name, d in definitions.items() if UNLESS not in name]
         rules["keep_"] = {
             "all": [{"m": {"keep_": 1}}, {"n": {"never_": 1}}],
             "run": lambda _c: None,
@@ -222,8 +272,8 @@ class RuleCore:
             raise RuleEvaluationError(
                 f"working-memory bound: {len(facts)} facts exceed {self._max_facts}"
             )
-        kinds = {fact.get("kind") for _, fact in facts}
-        if not any(needed <= kinds for needed in self._needs):
+        plain = [fact for _, fact in facts]
+        if not any(_could_match(filters, plain) for filters in self._filters):
             return []  # no rule can match: nothing to ask the engine (and nothing at risk)
         self._evaluations += 1
         sid = f"e{self._evaluations}"

@@ -444,3 +444,20 @@ def test_random_histories_engine_equals_plain_python(
 
 
 _PROCESSOR = Processor(CATALOGUE, task_resource)
+
+
+def test_the_alpha_short_cut_skips_only_rules_that_cannot_match() -> None:
+    definition = when_all(
+        c.d << ((m.kind == "discharge") & (m.age_months < 24) & (m.code != "X")),
+        c.o << ((m.kind == "order") & (m.enc == c.d.enc)),
+    ).define()
+    filters = rulecore._alpha_filter(definition)
+    order = {"kind": "order", "enc": "V"}
+    infant = {"kind": "discharge", "age_months": 3, "enc": "V"}
+    adult = {"kind": "discharge", "age_months": 400, "enc": "V"}
+    assert rulecore._could_match(filters, [infant, order])
+    assert not rulecore._could_match(filters, [adult, order])  # certain: too old
+    assert not rulecore._could_match(filters, [infant])  # no order at all
+    # uncertain cases go to the engine: a missing property under != and text against a number
+    assert rulecore._could_match(filters, [{**infant, "age_months": "3"}, order])
+    assert rulecore._could_match(filters, [{k: v for k, v in infant.items()}, order])
