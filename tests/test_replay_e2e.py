@@ -36,9 +36,9 @@ def tasks_of(stdout: str) -> dict[str, dict]:
 
 
 def test_derby_scenario_gives_exactly_two_tasks_and_replaying_again_changes_nothing(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    db = f"sqlite:///{tmp_path / 'derby.db'}"
+    db = database_url  # a SQLite file, and a fresh PostgreSQL database
     first = replay(str(DERBY), "--db", db)
     assert first.returncode == 0, first.stderr
     assert first.stderr == ""

@@ -7,12 +7,9 @@ set SAFETYNET_SKIP_POSTGRES=1 to skip them on a machine that has no server.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError, StatementError
 
 from adapters.store import SqlStore, open_store
@@ -30,64 +27,12 @@ from adapters.store.schema import metadata
 from adapters.store.sql import MIGRATIONS
 from engine.clock import SimulatedClock
 from engine.ports import Fact, InboundMessage, Store, StoredTask, UnitOfWork
+from tests.conftest import new_pg_database
 
-PG_HOST = "127.0.0.1:5432"
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-
-
-def _pg_admin() -> tuple[Engine, str] | None:
-    """An AUTOCOMMIT engine on the server's `postgres` database and the user it connected as."""
-    for user in ("postgres", "root"):
-        engine = create_engine(
-            f"postgresql+psycopg://{user}@{PG_HOST}/postgres", isolation_level="AUTOCOMMIT"
-        )
-        try:
-            with engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-        except DBAPIError:
-            engine.dispose()
-            continue
-        return engine, user
-    return None
-
-
-@pytest.fixture(scope="session")
-def pg_admin() -> Iterator[tuple[Engine, str]]:
-    """The PostgreSQL server, or a failure (a skip only when SAFETYNET_SKIP_POSTGRES=1)."""
-    found = _pg_admin()
-    if found is None:
-        message = f"PostgreSQL is not reachable on {PG_HOST} as postgres or root"
-        if os.environ.get("SAFETYNET_SKIP_POSTGRES") == "1":
-            pytest.skip(message + " (SAFETYNET_SKIP_POSTGRES=1)")
-        pytest.fail(message + "; set SAFETYNET_SKIP_POSTGRES=1 to skip these tests")
-    yield found
-    found[0].dispose()
-
-
-@contextmanager
-def _new_pg_database(admin: Engine, user: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database (its URL), dropped afterwards."""
-    name = f"safetynet_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql+psycopg://{user}@{PG_HOST}/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL naming an empty database: a SQLite file, or a new PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'store.db'}"
-    else:
-        with _new_pg_database(*request.getfixturevalue("pg_admin")) as url:
-            yield url
 
 
 @pytest.fixture
@@ -214,7 +159,7 @@ def test_unsupported_urls_are_refused(url: str) -> None:
 
 @pytest.mark.postgres
 def test_plain_postgresql_url_means_psycopg(pg_admin: tuple[Engine, str]) -> None:
-    with _new_pg_database(*pg_admin) as url:
+    with new_pg_database(*pg_admin) as url:
         store = open_store(url.replace("postgresql+psycopg://", "postgresql://"))
         try:
             assert store.engine.url.drivername == "postgresql+psycopg"
