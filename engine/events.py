@@ -202,6 +202,7 @@ class ReportIssued(Event):
     order: OrderRef
     status: str  # "preliminary" | "final" | "corrected" | "withdrawn"
     flags: tuple[str, ...] = ()
+    performed_at: datetime | None = None  # OBR-7: when the examination was done
     procedure_code: str = ""
     procedure_name: str = ""
     section: str = ""

@@ -185,7 +185,12 @@ def _order_fact(
     fact = _merged(current, f"order:{order_key}", "order", new)
     data = dict(fact.data)
     data.setdefault("cancelled_at", NEVER)
-    data.setdefault("ordered_at", epoch(event.occurred_at))
+    # An order first heard of through its report (a results-only feed) existed at least from
+    # the examination (OBR-7), else from the report itself.
+    first_seen = event.occurred_at
+    if isinstance(event, ReportIssued) and event.performed_at is not None:
+        first_seen = min(first_seen, event.performed_at)
+    data.setdefault("ordered_at", epoch(first_seen))
     data["imaging"] = int(
         site.is_imaging(
             str(data.get("section", "")), str(data.get("code", "")), str(data.get("name", ""))

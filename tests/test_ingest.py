@@ -136,3 +136,17 @@ def test_any_damaged_message_gets_an_answer_never_an_exception(
         result = app.ingest.ingest(uow, "\r".join(segments), NOW)
     assert result.ack_code in ("AA", "AE", "AR")
     assert result.ack_code == "AA" or result.reason
+
+
+def test_a_results_only_feed_still_catches_the_pending_examination(app: App) -> None:
+    # No order message: the final report after discharge is the first word of the order, and
+    # its examination time (OBR-7, 12:45) shows it was pending when the child left at 14:00.
+    with app.store.begin() as uow:
+        for n in (1, 4):
+            assert app.ingest.ingest(uow, derby(n), NOW).ack_code == "AA"
+        result = app.ingest.ingest(uow, derby(5), NOW)
+    assert result.ack_code == "AA"
+    assert {t.rule_id for t in result.tasks} == {
+        "imaging-pending-at-discharge",
+        "report-final-after-discharge",
+    }

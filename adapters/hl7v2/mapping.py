@@ -399,7 +399,13 @@ class Mapper:
                 events.append(OrderCancelled(**common, control="OBR-25 X"))
                 continue
             events.append(
-                ReportIssued(**common, status=status, flags=_flags(obxs), **_procedure(orc, obr))
+                ReportIssued(
+                    **common,
+                    status=status,
+                    flags=_flags(obxs),
+                    performed_at=_first_time(tz, (obr, 7, "OBR-7")),
+                    **_procedure(orc, obr),
+                )
             )
         return events
 
