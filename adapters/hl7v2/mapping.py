@@ -147,10 +147,18 @@ def _visit(pv1: Segment | None) -> Visit:
     )
 
 
-def _subject(message: Message, tz: tzinfo) -> tuple[Patient | None, str]:
-    """The patient (PID, optional in results) and visit number (PV1-19) of a message."""
+def _about(
+    message: Message, tz: tzinfo, source: SourceRef, received_at: datetime
+) -> dict[str, Any]:
+    """The fields every order or report event of a message shares: its source, when it was
+    received, the patient (PID, optional in results) and the visit number (PV1-19)."""
     pv1 = message.segment("PV1")
-    return _patient(message.segment("PID"), tz), pv1.get(19) if pv1 is not None else ""
+    return {
+        "source": source,
+        "received_at": received_at,
+        "patient": _patient(message.segment("PID"), tz),
+        "encounter": pv1.get(19) if pv1 is not None else "",
+    }
 
 
 def _procedure(orc: Segment | None, obr: Segment | None) -> dict[str, Any]:
@@ -325,7 +333,7 @@ class Mapper:
         self, message: Message, msh: Segment, source: SourceRef, received_at: datetime
     ) -> list[Event]:
         tz = self.settings.timezone
-        patient, encounter = _subject(message, tz)
+        about = _about(message, tz, source, received_at)
         events: list[Event] = []
         controls: list[str] = []
         for orc, obr, _ in _order_groups(message):
@@ -335,14 +343,7 @@ class Mapper:
             ref = _order_ref(orc, obr)
             if not ref.tokens():
                 raise MappingError("order without a placer or filler number", "ORC-2")
-            common: dict[str, Any] = dict(
-                source=source,
-                occurred_at=occurred,
-                received_at=received_at,
-                patient=patient,
-                encounter=encounter,
-                order=ref,
-            )
+            common = {**about, "occurred_at": occurred, "order": ref}
             if control == "NW":
                 events.append(ImagingOrdered(**common, **_procedure(orc, obr)))
             elif control in CANCEL_CONTROLS:
@@ -373,7 +374,7 @@ class Mapper:
         fallback_time: Callable[[], datetime],
     ) -> list[Event]:
         tz = self.settings.timezone
-        patient, encounter = _subject(message, tz)
+        about = _about(message, tz, source, received_at)
         events: list[Event] = []
         for index, (orc, obr, obxs) in enumerate(groups):
             status = status_of.get(index)
@@ -387,14 +388,7 @@ class Mapper:
                 or next((parse_ts(o.get(14), tz, "OBX-14") for o in obxs if o.get(14)), None)
                 or fallback_time()
             )
-            common: dict[str, Any] = dict(
-                source=source,
-                occurred_at=occurred,
-                received_at=received_at,
-                patient=patient,
-                encounter=encounter,
-                order=ref,
-            )
+            common = {**about, "occurred_at": occurred, "order": ref}
             if status == "cancelled":
                 events.append(OrderCancelled(**common, control="OBR-25 X"))
                 continue
@@ -473,14 +467,10 @@ class Mapper:
             if not placer and not filler:
                 raise MappingError("radiology document names no order", "TXA-14")
             ref = OrderRef(placer, txa.get(14, 2), filler, txa.get(15, 2))
-            patient, encounter = _subject(message, tz)
             return [
                 ReportIssued(
-                    source=source,
+                    **_about(message, tz, source, received_at),
                     occurred_at=occurred,
-                    received_at=received_at,
-                    patient=patient,
-                    encounter=encounter,
                     order=ref,
                     status=status,
                     flags=_flags(message.all("OBX")),
