@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
@@ -110,7 +110,6 @@ class Catalogue:
     rules: tuple[Rule, ...]
     site: Site
     path: Path
-    raw_settings: Mapping[str, Any] = field(default_factory=dict)
 
     def rule(self, rule_id: str) -> Rule:
         """The rule with this id."""
@@ -245,4 +244,4 @@ def load_catalogue(path: Path) -> Catalogue:
     unknown = set(overrides) - {r.id for r in rules}
     if unknown:
         raise ConfigurationError(f"{path / 'settings.toml'}: no rule folder for {sorted(unknown)}")
-    return Catalogue(rules=rules, site=site, path=path, raw_settings=settings)
+    return Catalogue(rules=rules, site=site, path=path)
