@@ -1,10 +1,11 @@
 """Exceptions of the adapters layer, each carrying the HL7 ACK code it is answered with.
 
-    AdapterError                 root
+    AdapterError                 root; `reason`, `location` ("PID-3") and `ack_code`
+     +-- Hl7ReadError            (adapters.hl7v2.er7) the ER7 reader's rejection: AR when the
+     |                           header cannot be read, AE for a broken segment
      +-- MappingError            content that cannot be understood (AE): names segment-field
      +-- UnsupportedMessage      a message type or event safetynet does not handle (AR unless
                                  the site configures accept-and-ignore)
-    adapters.hl7v2.er7.Hl7ReadError   the ER7 reader's own rejection (AR header / AE content)
 
 Engine errors (engine.errors) are translated to AE at the ingest boundary.
 """

@@ -65,7 +65,7 @@ class Hl7Ingest:
         try:
             message = read_message(raw)
         except Hl7ReadError as exc:
-            location = f"{exc.segment or ''}{'-' + str(exc.field) if exc.field else ''}"
+            location = exc.location
             entry = uow.add_to_inbox(
                 InboundMessage(
                     raw, UNREADABLE_SENDER, "", content_hash(raw), received_at, origin=origin

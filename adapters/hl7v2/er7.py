@@ -21,6 +21,8 @@ import dataclasses
 import string
 from dataclasses import dataclass
 
+from adapters.errors import AdapterError
+
 __all__ = [
     "Delimiters",
     "Hl7ReadError",
@@ -46,7 +48,7 @@ _FORMATTING = frozenset({"sp", "fi", "nf", "in", "ti", "sk", "ce"})
 _VALID_NAMES: set[str] = set()
 
 
-class Hl7ReadError(Exception):
+class Hl7ReadError(AdapterError):
     """A message that cannot be read.
 
     Attributes: ``reason`` (plain English), ``segment`` (e.g. ``"MSH"``, or None), ``sequence``
@@ -62,8 +64,7 @@ class Hl7ReadError(Exception):
         field: int | None = None,
         ack_code: str = "AE",
     ) -> None:
-        super().__init__(reason)
-        self.reason = reason
+        super().__init__(reason, _location(segment, field))
         self.segment = segment
         self.sequence = sequence
         self.field = field
@@ -85,6 +86,13 @@ class Hl7ReadError(Exception):
             where.append(f"field {self.field}")
         suffix = f" ({', '.join(where)})" if where else ""
         return f"{self.reason}{suffix} [{self.ack_code}]"
+
+
+def _location(segment: str | None, field: int | None) -> str:
+    """ "MSH-9", "PID", or "" : where a rejection points, in HL7's own notation."""
+    if segment is None:
+        return ""
+    return f"{segment}-{field}" if field is not None else segment
 
 
 @dataclass(frozen=True)
