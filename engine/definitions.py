@@ -28,15 +28,15 @@ def _final_report(alias_order: Any) -> Any:
 
 def discharged_home(max_age_months: int, settle_minutes: int) -> list[Any]:
     """A discharge that left the hospital's care, of a patient younger than `max_age_months`
-    at that moment, not cancelled, whose settle time has passed. A patient of unknown age is
-    not in the cohort. Pair with `unless_admitted_after`."""
+    at that moment, not cancelled, whose settle time has passed. A patient whose date of birth
+    is unknown (`age_months` -1) is included: failing safe, the net never guesses "too old".
+    Pair with `unless_admitted_after`."""
     return [
         c.d
         << (
             (m.kind == "discharge")
             & (m.leaves_care == 1)
             & (m.cancelled == 0)
-            & (m.age_months >= 0)
             & (m.age_months < max_age_months)
         ),
         c.n << ((m.kind == "now") & (m.t >= c.d.at + settle_minutes * 60)),

@@ -29,7 +29,8 @@ def expected_tasks(
     for d in (f for f in facts if f["kind"] == "discharge"):
         if not (d["leaves_care"] == 1 and d["cancelled"] == 0):
             continue
-        if not 0 <= d["age_months"] < max_age_months or now < d["at"] + settle:
+        # unknown age (-1) is in the cohort: the net fails safe
+        if not d["age_months"] < max_age_months or now < d["at"] + settle:
             continue
         if any(
             a["kind"] == "admission"
