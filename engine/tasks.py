@@ -195,11 +195,12 @@ def person(sex: str, age_months: int) -> str:
 
 
 def who(discharge: Mapping[str, Any], patient: Mapping[str, Any]) -> str:
-    """ "7-week-old boy" (or "patient" when age and sex are unknown)."""
+    """ "7-week-old boy"; "patient of unknown age" when there is no date of birth."""
     months = int(discharge.get("age_months", -1))
     age = age_phrase(int(discharge.get("age_days", -1)), months)
-    noun = person(str(patient.get("sex", "")), months)
-    return f"{age} {noun}" if age else noun
+    if not age:
+        return "patient of unknown age (no date of birth on record)"
+    return f"{age} {person(str(patient.get('sex', '')), months)}"
 
 
 def plus_hours(seconds: int, hours: float, site: Site) -> datetime:
