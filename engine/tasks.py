@@ -170,7 +170,8 @@ def when(seconds: int, site: Site) -> str:
 
 
 def age_phrase(age_days: int, age_months: int) -> str:
-    """ "3-day-old", "7-week-old", "18-month-old", "5-year-old"; "" when unknown.
+    """An age as clinicians say it: "3-day-old", "7-week-old", "18-month-old", "5-year-old";
+    "" when unknown.
 
     Infants are described in weeks (from 2 weeks to 1 year), newborns in days."""
     if age_days < 0:
@@ -185,7 +186,7 @@ def age_phrase(age_days: int, age_months: int) -> str:
 
 
 def person(sex: str, age_months: int) -> str:
-    """ "boy", "girl", "man", "woman", or "child"/"patient" when sex is not known."""
+    """The noun for the patient: boy, girl, man, woman; child or patient when sex is unknown."""
     child = 0 <= age_months < 18 * 12
     if sex == "M":
         return "boy" if child else "man"
@@ -195,7 +196,7 @@ def person(sex: str, age_months: int) -> str:
 
 
 def who(discharge: Mapping[str, Any], patient: Mapping[str, Any]) -> str:
-    """ "7-week-old boy"; "patient of unknown age" when there is no date of birth."""
+    """Who left, e.g. "7-week-old boy"; "patient of unknown age" without a date of birth."""
     months = int(discharge.get("age_months", -1))
     age = age_phrase(int(discharge.get("age_days", -1)), months)
     if not age:

@@ -89,7 +89,7 @@ class Hl7ReadError(AdapterError):
 
 
 def _location(segment: str | None, field: int | None) -> str:
-    """ "MSH-9", "PID", or "" : where a rejection points, in HL7's own notation."""
+    """Where a rejection points, in HL7 notation: "MSH-9", "PID", or "" when nowhere."""
     if segment is None:
         return ""
     return f"{segment}-{field}" if field is not None else segment
