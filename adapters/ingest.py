@@ -65,21 +65,27 @@ class Hl7Ingest:
         try:
             message = read_message(raw)
         except Hl7ReadError as exc:
-            location = exc.location
             entry = uow.add_to_inbox(
                 InboundMessage(
                     raw, UNREADABLE_SENDER, "", content_hash(raw), received_at, origin=origin
                 )
             )
-            if not entry.duplicate:
-                uow.quarantine(entry.id, exc.reason, exc.ack_code, location, at=received_at)
-                uow.set_inbox_state(entry.id, "quarantined", exc.reason)
-            return IngestResult(
+            if entry.duplicate:
+                return IngestResult(
+                    exc.ack_code,
+                    reason=exc.reason,
+                    location=exc.location,
+                    inbox_id=entry.id,
+                    duplicate=True,
+                )
+            return self._quarantined(
+                uow,
+                entry.id,
+                exc.reason,
                 exc.ack_code,
-                reason=exc.reason,
-                location=location,
-                inbox_id=entry.id,
-                duplicate=entry.duplicate,
+                exc.location,
+                received_at,
+                {"inbox_id": entry.id},
             )
         kind = f"{message.message_type}^{message.trigger}"
         entry = uow.add_to_inbox(
