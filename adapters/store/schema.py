@@ -38,8 +38,11 @@ __all__ = [
     "due",
     "facts",
     "inbox",
+    "leases",
     "metadata",
     "order_aliases",
+    "outbox",
+    "outbox_delivery",
     "patient_aliases",
     "patients",
     "quarantine",
@@ -114,8 +117,11 @@ inbox = Table(
     Column("state", Text(), nullable=False),
     Column("detail", Text(), nullable=False),
     Column("processed_at", UTCDateTime(), nullable=True),
+    # How many times a processor has started on this message; past a limit it is quarantined.
+    Column("attempts", Integer(), nullable=False, server_default="0"),
     UniqueConstraint("sender", "control_id", "content_hash"),
     Index(None, "state"),
+    Index(None, "state", "id"),
 )
 
 quarantine = Table(
@@ -233,4 +239,44 @@ audit = Table(
     Column("subject", Text(), nullable=False),
     Column("detail", JSONDoc, nullable=False),
     Index(None, "subject"),
+)
+
+# One row per Task change to deliver (written with the change, in the same transaction; shadow
+# Tasks are never written here). The resource delivered is that version's `task_history` row.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("task_identifier", Text(), nullable=False),
+    Column("task_version", Integer(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index(None, "task_identifier"),
+)
+
+# Delivery of one outbox row to one configured destination. `state`: pending | delivered.
+# A delivery is never dropped: it stays pending, retried with backoff, until it succeeds.
+outbox_delivery = Table(
+    "outbox_delivery",
+    metadata,
+    Column("outbox_id", BigId, ForeignKey("outbox.id"), primary_key=True),
+    Column("destination", Text(), primary_key=True),
+    Column("state", Text(), nullable=False),
+    Column("attempts", Integer(), nullable=False),
+    Column("next_attempt_at", UTCDateTime(), nullable=False),
+    Column("last_error", Text(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("delivered_at", UTCDateTime(), nullable=True),
+    Index(None, "destination", "state", "next_attempt_at"),
+)
+
+# Leases: which instance is the active processor. `epoch` grows with every change of holder,
+# so a holder that lost its lease cannot write (its renewal names the old epoch).
+leases = Table(
+    "leases",
+    metadata,
+    Column("name", Text(), primary_key=True),
+    Column("holder", Text(), nullable=False),
+    Column("epoch", BigInteger(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+    Column("acquired_at", UTCDateTime(), nullable=False),
 )

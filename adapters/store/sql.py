@@ -379,6 +379,7 @@ class _Statements:
             "created_at",
         )
         self.history_add = insert(history)
+        self.outbox_add = insert(schema.outbox)
         self.history = (
             select(*(history.c[name] for name in _TASK_COLUMNS))
             .where(history.c.identifier == p("identifier"))
@@ -749,6 +750,12 @@ class SqlUnitOfWork:
             self._sql.history_add,
             {**columns, "version": version, "changed_at": at, "reason": reason},
         )
+        if not task.shadow:
+            # Delivered by the outbox dispatcher; shadow Tasks are recorded, never delivered.
+            self._run(
+                self._sql.outbox_add,
+                {"task_identifier": task.identifier, "task_version": version, "created_at": at},
+            )
         return StoredTask(
             identifier=task.identifier,
             patient_key=task.patient_key,
