@@ -64,7 +64,10 @@ class Hl7ReadError(AdapterError):
         field: int | None = None,
         ack_code: str = "AE",
     ) -> None:
-        super().__init__(reason, _location(segment, field))
+        # Data type error for a broken field or segment; a missing or misplaced MSH is a
+        # segment sequence error.
+        code = "100" if segment == "MSH" and field is None else "102"
+        super().__init__(reason, _location(segment, field), hl7_code=code)
         self.segment = segment
         self.sequence = sequence
         self.field = field

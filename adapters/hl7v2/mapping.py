@@ -297,7 +297,9 @@ class Mapper:
             return [AdmissionCancelled(**common)]
         if trigger == "A13":
             return [DischargeCancelled(**common)]
-        raise UnsupportedMessage(f"ADT event {trigger or '(none)'} is not supported", "MSH-9")
+        raise UnsupportedMessage(
+            f"ADT event {trigger or '(none)'} is not supported", "MSH-9", hl7_code="201"
+        )
 
     def _merges(
         self, message: Message, source: SourceRef, occurred: datetime, received_at: datetime
@@ -408,7 +410,9 @@ class Mapper:
     ) -> list[Event]:
         # R01 is the only ORU event up to v2.5; some v2.2/2.3 senders leave MSH-9.2 empty.
         if message.trigger not in ("R01", ""):
-            raise UnsupportedMessage(f"ORU^{message.trigger} is not supported", "MSH-9")
+            raise UnsupportedMessage(
+                f"ORU^{message.trigger} is not supported", "MSH-9", hl7_code="201"
+            )
         groups = [g for g in _order_groups(message) if g[1] is not None]
         if not groups:
             raise MappingError("ORU^R01 without an OBR segment", "OBR")
@@ -437,7 +441,7 @@ class Mapper:
     ) -> list[Event]:
         trigger = message.trigger
         if trigger not in ("T02", "T08", "T10", "T11"):
-            raise UnsupportedMessage(f"MDM^{trigger} is not supported", "MSH-9")
+            raise UnsupportedMessage(f"MDM^{trigger} is not supported", "MSH-9", hl7_code="201")
         txa = message.segment("TXA")
         if txa is None:
             raise MappingError("MDM without a TXA segment", "TXA")
