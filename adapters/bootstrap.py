@@ -10,10 +10,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from adapters.fhir.task import task_resource
 from adapters.hl7v2.mapping import Mapper, MappingSettings
-from adapters.ingest import Hl7Ingest
+from adapters.ingest import Hl7Ingest, IngestPolicy
 from adapters.store import SqlStore, open_store
 from engine.catalogue import Catalogue, load_catalogue
 from engine.clock import SimulatedClock
@@ -62,3 +63,52 @@ def build_replay_app(db_url: str, rules_dir: Path) -> App:
         return clock.now() if clock.started else EPOCH
 
     return App(store, catalogue, processor, Hl7Ingest(processor, mapper, now_for), clock)
+
+
+@dataclass
+class LiveParts:
+    """Parts for the live service.
+
+    `clock` is processing time: it follows the messages' event time while the processor
+    catches up (so a backlog is judged as replay would judge it, timers firing between the
+    messages they fall between) and is moved to the wall clock whenever the inbox is drained
+    (so timers fire on time). It never runs backwards nor ahead of the wall clock."""
+
+    store: SqlStore
+    catalogue: Catalogue
+    ingest: Hl7Ingest
+    clock: SimulatedClock
+
+
+class LiveSettings(Protocol):
+    """What `build_live_parts` reads (the serve and worker settings both provide it)."""
+
+    @property
+    def db_url(self) -> str: ...
+    @property
+    def rules_dir(self) -> str: ...
+    @property
+    def processing_ids(self) -> tuple[str, ...]: ...
+    @property
+    def versions(self) -> tuple[str, ...]: ...
+    @property
+    def unsupported(self) -> str: ...
+
+
+def build_live_parts(settings: LiveSettings) -> LiveParts:
+    """Parts for `safetynet serve` (listener and worker processes alike). Raises
+    ConfigurationError for a bad rules folder, ValueError for a bad database URL."""
+    catalogue = load_catalogue(Path(settings.rules_dir))
+    store = open_store(settings.db_url)
+    processor = Processor(catalogue, task_resource)
+    mapper = Mapper(MappingSettings(catalogue.site.timezone, catalogue.site.mdm_document_types))
+    policy = IngestPolicy(settings.processing_ids, settings.versions, settings.unsupported)
+    clock = SimulatedClock()
+
+    def now_for(events: Sequence[Event]) -> datetime:
+        wall = datetime.now(UTC)
+        for event in events:
+            clock.advance(min(event.occurred_at, wall))
+        return clock.now() if clock.started else wall
+
+    return LiveParts(store, catalogue, Hl7Ingest(processor, mapper, now_for, policy), clock)

@@ -1,7 +1,14 @@
 """`safetynet` command line: replay archives, generate synthetic traffic.
 
+    safetynet serve [--db URL] [--mllp-port N] [--http-port N] ... (see serve --help)
     safetynet replay PATH... [--db URL] [--rules DIR] [--until ISO-8601] [--format ndjson|text]
+    safetynet tasks list [--status S] [--owner ID] [--format ndjson|text] [--db URL]
+    safetynet quarantine list [--all] | show ID | retry ID [--by NAME]   [--db URL]
+    safetynet outbox status [--db URL]
     safetynet synth OUT [--patients N] [--seed S] [--days D]
+
+Commands that read the service's database take `--db`, else `SAFETYNET_DB`, else the embedded
+default `sqlite:///var/safetynet.db`.
 
 Errors name the file and the problem and exit with status 2; rejected or unsupported
 messages are reported one per line on stderr and do not stop a replay.
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,8 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from adapters.bootstrap import App, build_replay_app, default_rules_dir
 from adapters.hl7v2.er7 import Hl7ReadError, decode, split_messages
+from adapters.store import SqlStore, open_store
 from engine.errors import ConfigurationError
 from engine.ports import StoredTask
 
@@ -189,6 +200,138 @@ def synth(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+DEFAULT_DB = "sqlite:///var/safetynet.db"
+
+
+def _service_db(args: argparse.Namespace) -> str:
+    return str(args.db or os.environ.get("SAFETYNET_DB") or DEFAULT_DB)
+
+
+def _open(args: argparse.Namespace) -> SqlStore:
+    url = _service_db(args)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise CliError(f"{url}: no database here (start `safetynet serve` or give --db)")
+    try:
+        return open_store(url)
+    except (ValueError, SQLAlchemyError) as exc:
+        raise CliError(f"{url}: cannot open the database: {exc}") from exc
+
+
+def serve_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Run the live service."""
+    from adapters.service.config import load_serve_settings
+    from adapters.service.serve import serve
+
+    try:
+        settings = load_serve_settings(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    if settings.db.startswith("sqlite:///"):
+        Path(settings.db.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return serve(settings)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    except OSError as exc:
+        raise CliError(f"cannot start: {exc}") from exc
+
+
+def tasks_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Print current Tasks, oldest first."""
+    store = _open(args)
+    try:
+        with store.begin(read_only=True) as uow:
+            tasks = uow.tasks(status=args.status, owner=args.owner)
+    finally:
+        store.close()
+    printer = TaskPrinter(out, args.format)
+    printer.emit(tasks)
+    printer.finish()
+    return 0
+
+
+def quarantine_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """List, show or retry quarantined messages."""
+    from adapters.store import operations
+
+    store = _open(args)
+    try:
+        if args.action == "list":
+            with store.begin(read_only=True) as uow:
+                items = operations.quarantine_items(uow, include_resolved=args.all)
+            out.write(f"{len(items)} item(s)\n")
+            for item in items:
+                state = f"resolved: {item.resolution}" if item.resolved_at else "open"
+                out.write(
+                    f"{item.id}  {item.created_at:%Y-%m-%d %H:%M:%S}Z  {item.ack_code}  "
+                    f"{item.message_type or '-'}  {item.sender}  {item.control_id or '-'}  "
+                    f"[{state}]\n  {item.reason}"
+                    + (f" ({item.location})" if item.location else "")
+                    + "\n"
+                )
+            return 0
+        if args.id is None:
+            raise CliError(f"quarantine {args.action}: give the item's id")
+        if args.action == "show":
+            with store.begin(read_only=True) as uow:
+                found = operations.quarantine_item(uow, args.id)
+            if found is None:
+                raise CliError(f"quarantine item {args.id} does not exist")
+            for name in (
+                "id",
+                "inbox_id",
+                "created_at",
+                "ack_code",
+                "reason",
+                "location",
+                "sender",
+                "control_id",
+                "message_type",
+                "inbox_state",
+                "resolved_at",
+                "resolution",
+            ):
+                out.write(f"{name}: {getattr(found, name)}\n")
+            out.write("message:\n" + found.raw.replace("\r", "\n").rstrip("\n") + "\n")
+            return 0
+        try:
+            with store.begin() as uow:
+                item = operations.retry(uow, args.id, datetime.now(UTC), args.by)
+        except LookupError as exc:
+            raise CliError(str(exc)) from exc
+        out.write(
+            f"quarantine item {item.id}: message {item.inbox_id} queued for processing again\n"
+        )
+        return 0
+    finally:
+        store.close()
+
+
+def outbox_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Delivery state per destination."""
+    from adapters.outbox import store as outbox
+
+    store = _open(args)
+    try:
+        with store.begin(read_only=True) as uow:
+            names = outbox.destinations(uow)
+            rows = outbox.status(uow, names, datetime.now(UTC))
+    finally:
+        store.close()
+    if not rows:
+        out.write("no destinations have been configured (serve --outbox)\n")
+    for row in rows:
+        oldest = f"{row.oldest_pending_at:%Y-%m-%d %H:%M:%S}Z" if row.oldest_pending_at else "-"
+        out.write(
+            f"{row.destination}: {row.delivered} delivered, {row.pending} pending "
+            f"({row.failing} failing), {row.not_yet_queued} not yet queued; "
+            f"oldest pending {oldest}\n"
+        )
+        if row.last_error:
+            out.write(f"  last error: {row.last_error}\n")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (documented in --help)."""
     top = argparse.ArgumentParser(prog="safetynet", description=__doc__.split("\n")[0])
@@ -206,6 +349,38 @@ def parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("--format", choices=("ndjson", "text"), default="ndjson")
     rp.set_defaults(func=replay)
+    from adapters.service.config import add_serve_arguments
+
+    sv = sub.add_parser(
+        "serve",
+        help="run the live service (MLLP, processor, timers, outbox, health and metrics)",
+        description="Run the live service. Each setting: flag, else environment variable, else "
+        "the config file, else the default.",
+    )
+    add_serve_arguments(sv)
+    sv.set_defaults(func=serve_command)
+    db_help = f"database URL (default: $SAFETYNET_DB, else {DEFAULT_DB})"
+    tk = sub.add_parser("tasks", help="Tasks in the service's database")
+    tk_sub = tk.add_subparsers(dest="action", required=True)
+    tl = tk_sub.add_parser("list", help="current Tasks, oldest first")
+    tl.add_argument("--status", help="only Tasks in this status (e.g. requested)")
+    tl.add_argument("--owner", help="only Tasks owned by this clinician or pool id (e.g. C1001)")
+    tl.add_argument("--format", choices=("ndjson", "text"), default="text")
+    tl.add_argument("--db", help=db_help)
+    tl.set_defaults(func=tasks_list)
+    qu = sub.add_parser("quarantine", help="messages kept for human review")
+    qu.add_argument("action", choices=("list", "show", "retry"))
+    qu.add_argument("id", nargs="?", type=int, help="the item's id (show, retry)")
+    qu.add_argument("--all", action="store_true", help="list resolved items too")
+    qu.add_argument(
+        "--by", default=os.environ.get("USER", "operator"), help="who retries (audit trail)"
+    )
+    qu.add_argument("--db", help=db_help)
+    qu.set_defaults(func=quarantine_command)
+    ob = sub.add_parser("outbox", help="delivery of Task changes to destinations")
+    ob.add_argument("action", choices=("status",))
+    ob.add_argument("--db", help=db_help)
+    ob.set_defaults(func=outbox_status)
     sp = sub.add_parser("synth", help="write synthetic HL7 v2 traffic")
     sp.add_argument("out", help="output file")
     sp.add_argument("--patients", type=int, default=1000, help="number of visits")

@@ -214,6 +214,46 @@ class Hl7Ingest:
             return replace(base, reason="duplicate: already received")
         return replace(base, events=tuple(events))
 
+    def accept_oversized(
+        self,
+        uow: UnitOfWork,
+        head: str,
+        size: int,
+        limit: int,
+        received_at: datetime,
+        origin: str = "",
+    ) -> IngestResult:
+        """Keep the head of a message too large to take (quarantine) and answer AE, so the
+        sender does not resend it for ever. The head's MSH names the sender and control id."""
+        sender, control_id, kind = UNREADABLE_SENDER, "", ""
+        try:
+            header = read_message(head.split("\r", 1)[0].split("\n", 1)[0])
+        except Hl7ReadError:
+            pass
+        else:
+            sender = f"{header.sending_application}^{header.sending_facility}"
+            control_id = header.control_id
+            kind = f"{header.message_type}^{header.trigger}"
+        entry = uow.add_to_inbox(
+            InboundMessage(
+                head, sender, control_id, content_hash(head), received_at, "hl7v2", kind, origin
+            )
+        )
+        result = IngestResult(
+            "AE",
+            control_id=control_id,
+            message_type=kind,
+            reason=f"message of {size} bytes is larger than the limit of {limit} bytes; "
+            f"its first {len(head.encode('utf-8', 'surrogatepass'))} bytes are kept for review",
+            hl7_code="207",
+            inbox_id=entry.id,
+            duplicate=entry.duplicate,
+            sender=sender,
+        )
+        if not entry.duplicate:
+            self._quarantine(uow, result, received_at, {"size": size, "limit": limit})
+        return result
+
     def process(
         self,
         uow: UnitOfWork,
@@ -243,7 +283,11 @@ class Hl7Ingest:
             return self._quarantine(uow, failed, received_at, {}, state="failed")
         except EngineError as exc:
             linked = replace(
-                base, ack_code=exc.ack_code, reason=exc.reason, location=exc.location, hl7_code="204"
+                base,
+                ack_code=exc.ack_code,
+                reason=exc.reason,
+                location=exc.location,
+                hl7_code="204",
             )
             return self._quarantine(uow, linked, received_at, {})
         uow.set_inbox_state(inbox_id, "processed", "" if events else "no clinical events")

@@ -158,6 +158,12 @@ class Processor:
             self._next_due = uow.next_due() or _FAR_FUTURE
         return tasks
 
+    @property
+    def next_due_hint(self) -> datetime | None:
+        """The earliest time a timer may be due, as far as this processor knows (None:
+        unknown). Never later than the truth for timers it scheduled itself."""
+        return self._next_due
+
     def forget_due_hint(self) -> None:
         """Make the next `fire_due` read the due table (other writers may have scheduled)."""
         self._next_due = None

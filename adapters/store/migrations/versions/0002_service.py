@@ -30,9 +30,7 @@ def _text(name: str, nullable: bool = False) -> sa.Column[Any]:
 
 def upgrade() -> None:
     with op.batch_alter_table("inbox") as batch:
-        batch.add_column(
-            sa.Column("attempts", sa.Integer(), nullable=False, server_default="0")
-        )
+        batch.add_column(sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"))
     op.create_index("ix_inbox_state_id", "inbox", ["state", "id"])
 
     op.create_table(

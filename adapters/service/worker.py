@@ -1,0 +1,313 @@
+"""The processor worker: takes the inbox in arrival order, fires timers, runs the outbox.
+
+It runs in its own process (`worker_main`, started and restarted by the service), so that a
+crash in the rule engine (durable_rules is C and can abort the process) costs a retry and not
+the MLLP listener. It works only while it holds the processor lease (`adapters.store.lease`),
+so that of several instances on one PostgreSQL database exactly one processes.
+
+Crash accounting: before a batch is processed its messages' `attempts` are counted and
+committed; a message found with attempts already counted was being processed when a worker
+died, so it is retried alone; once it has been started `max_attempts` times it goes to
+quarantine ("failed") with a human-review item, and the rest go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event as MpEvent
+from typing import Any
+
+from adapters.ingest import Hl7Ingest
+from adapters.outbox.destinations import destination_from_url
+from adapters.outbox.dispatcher import Dispatcher
+from adapters.store import SqlStore
+from adapters.store.lease import Lease, LeaseLost
+from adapters.store.operations import PendingMessage, count_attempt, pending
+from engine.clock import SimulatedClock
+
+log = logging.getLogger("safetynet.worker")
+
+PROCESSOR_LEASE = "processor"
+
+# Shared state values (`WorkerShared.state`), read by /readyz in the listener process.
+STARTING, STANDBY, ACTIVE = 0, 1, 2
+STATE_NAMES = {STARTING: "starting", STANDBY: "standby", ACTIVE: "active"}
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything the worker process needs, picklable (it crosses a process boundary)."""
+
+    db_url: str
+    rules_dir: str
+    holder: str
+    lease_ttl: float = 10.0
+    batch: int = 200
+    max_attempts: int = 3
+    poll_interval: float = 0.5
+    destinations: tuple[str, ...] = ()
+    webhook_secret: str | None = None
+    outbox_alert_after: int = 5
+    log_level: str = "INFO"
+    processing_ids: tuple[str, ...] = ()
+    versions: tuple[str, ...] = ()
+    unsupported: str = "reject"
+
+
+@dataclass
+class WorkerShared:
+    """What the worker and the listener process share: wake-ups and counters."""
+
+    wake: MpEvent
+    stop: MpEvent
+    state: Synchronized[int]
+    poisoned: Synchronized[int]
+
+
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+class Worker:
+    """One processor: lease, inbox batches, timers, outbox. Drive it with `run` or `step`."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        ingest: Hl7Ingest,
+        settings: WorkerSettings,
+        *,
+        now: Callable[[], datetime] = _wall_clock,
+        clock: SimulatedClock | None = None,
+        dispatcher: Dispatcher | None = None,
+        on_state: Callable[[int], None] = lambda state: None,
+        on_poison: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._ingest = ingest
+        self._settings = settings
+        self._now = now
+        self._clock = clock or SimulatedClock()
+        self._dispatcher = dispatcher
+        self._on_state = on_state
+        self._on_poison = on_poison
+        self.lease = Lease(store, PROCESSOR_LEASE, settings.holder, settings.lease_ttl, now)
+        self._outbox_stop: threading.Event | None = None
+        self._outbox_thread: threading.Thread | None = None
+        self._last_renewal = 0.0
+
+    # --- one step -------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Hold (or try to take) the lease, process one batch and fire due timers.
+
+        Returns the number of messages and timers handled (0: nothing to do, or standby)."""
+        if not self.lease.held:
+            if not self.lease.acquire():
+                self._become(STANDBY)
+                return 0
+            self._ingest.processor.forget_due_hint()  # another instance may have scheduled
+            self._become(ACTIVE)
+        try:
+            done = self._process_batch()
+            if done < self._settings.batch:
+                # Drained: processing time catches up with the wall clock, timers fire on time.
+                self._clock.advance(self._now())
+                done += self._fire_timers()
+            if not done and time.monotonic() - self._last_renewal > self._settings.lease_ttl / 3:
+                with self._store.begin() as uow:
+                    self.lease.renew(uow)
+                self._last_renewal = time.monotonic()
+            return done
+        except LeaseLost:
+            log.warning("processor lease lost", extra={"lease_holder": self._settings.holder})
+            self._become(STANDBY)
+            return 0
+
+    def _process_batch(self) -> int:
+        settings = self._settings
+        with self._store.begin() as uow:
+            self.lease.renew(uow)
+            batch = pending(uow, settings.batch)
+            poisoned = [m for m in batch if m.attempts >= settings.max_attempts]
+            for message in poisoned:
+                self._poison(uow, message)
+            batch = [m for m in batch if m.attempts < settings.max_attempts]
+            count_attempt(uow, [m.id for m in batch])
+        self._last_renewal = time.monotonic()
+        if not batch:
+            return len(poisoned)
+        with self._store.begin() as uow:
+            self.lease.renew(uow)
+            for message in batch:
+                result = self._ingest.process_stored(
+                    uow, message.id, message.raw, message.received_at
+                )
+                if result.ack_code != "AA":
+                    log.warning(
+                        "message not processed",
+                        extra={"inbox_id": message.id, "reason_code": result.hl7_code},
+                    )
+                for task in result.tasks:
+                    log.info(
+                        "task raised",
+                        extra={
+                            "inbox_id": message.id,
+                            "task_identifier": task.identifier,
+                            "rule_id": task.rule_id,
+                        },
+                    )
+        return len(batch) + len(poisoned)
+
+    def _poison(self, uow: Any, message: PendingMessage) -> None:
+        reason = (
+            f"processing was started {message.attempts} times and never finished "
+            "(the processor crashed or failed on it): needs review"
+        )
+        uow.quarantine(message.id, reason, "AE", "", {"attempts": message.attempts}, self._now())
+        uow.set_inbox_state(message.id, "failed", reason)
+        log.error("message quarantined after repeated failures", extra={"inbox_id": message.id})
+        self._on_poison()
+
+    def _fire_timers(self) -> int:
+        now = self._clock.now()
+        hint = self._ingest.processor.next_due_hint
+        if hint is not None and hint > now:
+            return 0
+        with self._store.begin() as uow:
+            self.lease.renew(uow)
+            tasks = self._ingest.processor.fire_due(uow, now)
+        for task in tasks:
+            log.info(
+                "task raised by timer",
+                extra={"task_identifier": task.identifier, "rule_id": task.rule_id},
+            )
+        return len(tasks)
+
+    def seconds_to_next_timer(self) -> float | None:
+        """How long until a timer may be due (None: none known)."""
+        hint = self._ingest.processor.next_due_hint
+        if hint is None:
+            return None
+        return max(0.0, (hint - self._clock.advance(self._now())).total_seconds())
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def _become(self, state: int) -> None:
+        self._on_state(state)
+        if state == ACTIVE:
+            log.info(
+                "processor active",
+                extra={"lease_holder": self._settings.holder, "epoch": self.lease.epoch},
+            )
+            self._start_outbox()
+        else:
+            self._stop_outbox()
+
+    def _start_outbox(self) -> None:
+        if self._dispatcher is None or self._outbox_thread is not None:
+            return
+        self._outbox_stop = threading.Event()
+        self._outbox_thread = threading.Thread(
+            target=self._dispatcher.run, args=(self._outbox_stop,), name="outbox", daemon=True
+        )
+        self._outbox_thread.start()
+
+    def _stop_outbox(self) -> None:
+        if self._outbox_thread is None or self._outbox_stop is None:
+            return
+        self._outbox_stop.set()
+        self._outbox_thread.join()
+        self._outbox_thread = self._outbox_stop = None
+
+    def outbox_failing(self) -> int:
+        """Deliveries failing past the alert threshold, over every destination."""
+        return sum(self._dispatcher.failing().values()) if self._dispatcher else 0
+
+    def run(
+        self,
+        wake: MpEvent | threading.Event,
+        stop: MpEvent | threading.Event,
+        parent_alive: Callable[[], bool] = lambda: True,
+    ) -> None:
+        """Work until `stop` is set (or `parent_alive()` turns false: the listener is gone):
+        process whatever `wake` announces, fire timers on time, poll for other instances'
+        messages every `poll_interval`."""
+        try:
+            while not stop.is_set() and parent_alive():
+                wake.clear()  # before the step: a wake-up during it is not lost
+                try:
+                    done = self.step()
+                except Exception:
+                    # A bug or a database outage: the batch rolled back and its attempts are
+                    # counted, so retrying cannot loop for ever on one message.
+                    log.exception("processor step failed; retrying")
+                    self.lease.epoch = None
+                    self._become(STANDBY)
+                    stop.wait(self._settings.poll_interval)
+                    continue
+                if done:
+                    continue
+                wait = self._settings.poll_interval
+                if self.lease.held:
+                    until_timer = self.seconds_to_next_timer()
+                    if until_timer is not None:
+                        wait = min(wait, until_timer)
+                if wait > 0:
+                    wake.wait(wait)
+        finally:
+            self._stop_outbox()
+            try:
+                self.lease.release()
+            except Exception:
+                log.exception("could not release the processor lease")
+
+
+def worker_main(settings: WorkerSettings, shared: WorkerShared) -> None:
+    """Entry point of the worker process."""
+    from adapters.bootstrap import build_live_parts
+    from adapters.service.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    parts = build_live_parts(settings)
+    dispatcher = None
+    if settings.destinations:
+        destinations = [
+            destination_from_url(spec, secret=settings.webhook_secret)
+            for spec in settings.destinations
+        ]
+        dispatcher = Dispatcher(
+            parts.store, destinations, now=_wall_clock, alert_after=settings.outbox_alert_after
+        )
+
+    def on_state(state: int) -> None:
+        shared.state.value = state
+
+    def on_poison() -> None:
+        with shared.poisoned.get_lock():
+            shared.poisoned.value += 1
+
+    worker = Worker(
+        parts.store,
+        parts.ingest,
+        settings,
+        clock=parts.clock,
+        dispatcher=dispatcher,
+        on_state=on_state,
+        on_poison=on_poison,
+    )
+    log.info("worker started", extra={"worker_pid": os.getpid()})
+    parent = os.getppid()
+    try:
+        # An orphaned worker would hold the lease with no listener feeding it: leave with it.
+        worker.run(shared.wake, shared.stop, lambda: os.getppid() == parent)
+    finally:
+        parts.store.close()
+        log.info("worker stopped", extra={"worker_pid": os.getpid()})

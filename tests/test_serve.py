@@ -1,0 +1,164 @@
+"""`safetynet serve` end to end: a real process, real sockets, a real MLLP client, a real
+database, a real outbox destination.
+
+The Derby-like scenario goes in through python-hl7's `mllp_send` (the command line tool);
+every ACK must be AA; the two Tasks of the replay must appear in `safetynet tasks list` and at
+the webhook and FHIR destinations.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from adapters.cli import main as cli_main
+from tests.fhir_server import FhirTestServer
+from tests.service_harness import ROOT, ServeProcess, mllp_exchange, msa
+
+DERBY = ROOT / "tests" / "fixtures" / "hl7v2" / "derby"
+MLLP_SEND = Path(sys.executable).with_name("mllp_send")
+
+
+def _derby_messages() -> list[str]:
+    return [p.read_text().strip() for p in sorted(DERBY.iterdir()) if p.suffix == ".hl7"]
+
+
+def _replay_identifiers(tmp_path: Path) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "adapters.cli", "replay", str(DERBY), "--format", "ndjson"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {json.loads(line)["identifier"][0]["value"] for line in out.splitlines()}
+
+
+def _tasks(db_url: str, capsys: pytest.CaptureFixture[str], *args: str) -> list[dict[str, object]]:
+    capsys.readouterr()
+    assert cli_main(["tasks", "list", "--format", "ndjson", "--db", db_url, *args]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def _wait_for(predicate: object, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def destination() -> Iterator[FhirTestServer]:
+    with FhirTestServer() as server:
+        yield server
+
+
+def test_derby_scenario_through_mllp_send(
+    tmp_path: Path,
+    database_url: str,
+    destination: FhirTestServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    scenario = tmp_path / "derby.hl7"
+    # mllp_send --loose reads messages written one segment per line.
+    scenario.write_text("\n".join(m.replace("\r", "\n") for m in _derby_messages()) + "\n")
+    outbox = (
+        f"fhir=http://127.0.0.1:{destination.port},webhook=http://127.0.0.1:{destination.port}/hook"
+    )
+    with ServeProcess(database_url, tmp_path / "serve.log", "--outbox", outbox) as serve:
+        sent = subprocess.run(
+            [
+                str(MLLP_SEND),
+                "--loose",
+                "-f",
+                str(scenario),
+                "-p",
+                str(serve.mllp_port),
+                "127.0.0.1",
+            ],
+            capture_output=True,
+            check=True,
+            timeout=60,
+        )
+        acks = [a for a in sent.stdout.split(b"\x1c") if b"MSA" in a]
+        assert len(acks) == len(_derby_messages())
+        assert [msa(a.strip(b"\x0b\r\n"))[0] for a in acks] == ["AA"] * len(acks)
+
+        expected = _replay_identifiers(tmp_path)
+        assert len(expected) == 2
+        _wait_for(lambda: len(_tasks(database_url, capsys)) == 2)
+        listed = {t["identifier"][0]["value"] for t in _tasks(database_url, capsys)}  # type: ignore[index]
+        assert listed == expected
+        owner = _tasks(database_url, capsys)[0]["owner"]["identifier"]  # type: ignore[index]
+        by_owner = _tasks(database_url, capsys, "--owner", owner["value"])
+        assert by_owner and all(t["owner"]["identifier"] == owner for t in by_owner)  # type: ignore[index]
+        assert _tasks(database_url, capsys, "--owner", "NOBODY") == []
+
+        _wait_for(lambda: set(destination.task_identifiers()) == expected)
+        _wait_for(lambda: {h["task_identifier"] for h in destination.webhooks()} == expected)
+
+        capsys.readouterr()
+        assert cli_main(["outbox", "status", "--db", database_url]) == 0
+        status = capsys.readouterr().out
+        assert "fhir: 2 delivered, 0 pending" in status
+        assert "webhook: 2 delivered, 0 pending" in status
+
+        metrics = serve.metrics()
+        assert 'safetynet_messages_answered_total{code="AA"' in metrics
+        assert "safetynet_tasks_total" in metrics
+        assert serve.terminate() == 0
+    log = serve.log()
+    assert "Testbaby" not in log and "9990000018" not in log, "no patient data in logs"
+    records = serve.log_records()
+    assert any(r.get("message") == "stopped" for r in records)
+
+
+def test_sigterm_answers_the_message_in_hand_and_exits_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'sn.db'}"
+    with ServeProcess(db, tmp_path / "serve.log") as serve:
+        acks = mllp_exchange(serve.mllp_port, _derby_messages()[:2])
+        assert [msa(a)[0] for a in acks] == ["AA", "AA"]
+        assert serve.terminate() == 0
+    # What was acknowledged is stored and was processed.
+    capsys.readouterr()
+    assert cli_main(["quarantine", "list", "--db", db]) == 0
+    assert capsys.readouterr().out.startswith("0 item(s)")
+
+
+def test_errors_are_answered_with_err_and_kept_in_quarantine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'sn.db'}"
+    good = _derby_messages()[0]
+    bad_time = good.replace("20080313", "2008-03-13").replace("DERBY-0001", "BAD-1")
+    test_mode = good.replace("|P|2.5", "|T|2.5").replace("DERBY-0001", "TEST-1")
+    enhanced = good.replace("|P|2.5", "|P|2.5|||AL|NE").replace("DERBY-0001", "ENH-1")
+    with ServeProcess(db, tmp_path / "serve.log") as serve:
+        acks = mllp_exchange(serve.mllp_port, [bad_time, test_mode, enhanced, b"garbage"])
+    code, control = msa(acks[0])
+    assert (code, control) == ("AE", "BAD-1")
+    assert b"ERR|" in acks[0] and b"PID^1^7" in acks[0]
+    assert msa(acks[1]) == ("AR", "TEST-1") and b"202" in acks[1]
+    assert msa(acks[2]) == ("CA", "ENH-1")
+    assert msa(acks[3])[0] == "AR"
+    capsys.readouterr()
+    assert cli_main(["quarantine", "list", "--db", db]) == 0
+    listing = capsys.readouterr().out
+    assert listing.startswith("2 item(s)")  # the bad date and the garbage; AR for T is not kept
+    item_id = int(listing.splitlines()[1].split()[0])
+    assert cli_main(["quarantine", "show", str(item_id), "--db", db]) == 0
+    shown = capsys.readouterr().out
+    assert "BAD-1" in shown and "message:" in shown
+    assert cli_main(["quarantine", "retry", str(item_id), "--db", db, "--by", "tester"]) == 0
+    assert "queued for processing again" in capsys.readouterr().out
+    assert cli_main(["quarantine", "retry", str(item_id), "--db", db]) == 2
