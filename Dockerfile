@@ -2,6 +2,7 @@
 # safetynet: HL7 v2 safety-net service.
 #
 #   docker build -t safetynet .
+#   docker run -p 2575:2575 -p 8080:8080 -v sn-var:/app/var safetynet          # the service
 #   docker run --rm -v "$PWD/tests/fixtures/hl7v2:/data:ro" safetynet replay /data --format text
 #
 # Two stages: `build` compiles wheels for the project and every dependency (durable-rules has a
@@ -55,9 +56,16 @@ USER 10001:10001
 # by the service user.
 VOLUME ["/app/var"]
 
-# 2575: HL7 v2 over MLLP; 8080: HTTP (health, FHIR Task API), both for the coming `serve`.
+# 2575: HL7 v2 over MLLP; 8080: HTTP (/healthz, /readyz, /metrics).
 EXPOSE 2575 8080
 
+# The embedded default keeps its SQLite file in the volume; set SAFETYNET_DB for PostgreSQL.
+ENV SAFETYNET_DB=sqlite:////app/var/safetynet.db
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s \
+    CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4).status == 200 else 1)"]
+
+# serve handles SIGTERM itself (docker stop): it stops accepting, answers what it holds, exits 0.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["safetynet"]
-# Until `safetynet serve` lands; it then replaces --help as the default command.
-CMD ["--help"]
+CMD ["serve"]

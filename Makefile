@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test check lint typecheck bench clean
+.PHONY: setup run demo test check lint typecheck bench clean
 
 setup: $(STAMP)
 
@@ -15,9 +15,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Until `safetynet serve` lands, `run` replays the bundled Derby-like scenario on the embedded
-# default (a temporary SQLite database) and prints the Tasks it raises.
+# The live service on the embedded default: SQLite in ./var/safetynet.db, MLLP on 2575, HTTP
+# (health, metrics) on 8080. Settings: `safetynet serve --help`.
 run: setup
+	$(BIN)/safetynet serve
+
+# Replay the bundled Derby-like scenario (a temporary SQLite database) and print its Tasks.
+demo: setup
 	$(BIN)/safetynet replay tests/fixtures/hl7v2/derby --format text
 
 test: setup

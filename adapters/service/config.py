@@ -235,6 +235,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default = option.default
         if isinstance(default, tuple):
             default = ",".join(default) or "(empty)"
+        elif default is None:
+            default = "(not set)"
         parser.add_argument(
             option.flag,
             dest=option.name,
