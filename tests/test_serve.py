@@ -26,7 +26,9 @@ MLLP_SEND = Path(sys.executable).with_name("mllp_send")
 
 
 def _derby_messages() -> list[str]:
-    return [p.read_text().strip() for p in sorted(DERBY.iterdir()) if p.suffix == ".hl7"]
+    # Bytes, not read_text(): universal newlines would turn the segment separator \r into \n.
+    files = sorted(p for p in DERBY.iterdir() if p.suffix == ".hl7")
+    return [p.read_bytes().decode().strip() for p in files]
 
 
 def _replay_identifiers(tmp_path: Path) -> set[str]:
@@ -162,3 +164,34 @@ def test_errors_are_answered_with_err_and_kept_in_quarantine(
     assert cli_main(["quarantine", "retry", str(item_id), "--db", db, "--by", "tester"]) == 0
     assert "queued for processing again" in capsys.readouterr().out
     assert cli_main(["quarantine", "retry", str(item_id), "--db", db]) == 2
+
+
+def test_an_orphan_result_is_quarantined_then_retried_once_its_order_arrives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'sn.db'}"
+    registration, order, preliminary = _derby_messages()[:3]
+    orphan = "\r".join(s for s in preliminary.split("\r") if not s.startswith(("PID", "PV1")))
+    with ServeProcess(db, tmp_path / "serve.log") as serve:
+        acks = mllp_exchange(serve.mllp_port, [registration, orphan])
+        # Accepted: it can only be judged against the record, by the processor.
+        assert [msa(a)[0] for a in acks] == ["AA", "AA"]
+
+        def open_items() -> list[str]:
+            capsys.readouterr()
+            assert cli_main(["quarantine", "list", "--db", db]) == 0
+            return capsys.readouterr().out.splitlines()[1::2]
+
+        _wait_for(lambda: len(open_items()) == 1)
+        [line] = open_items()
+        assert "DERBY-0003" in line
+        assert "safetynet_quarantine_open 1.0" in serve.metrics()
+
+        assert msa(mllp_exchange(serve.mllp_port, [order])[0])[0] == "AA"
+        item_id = line.split()[0]
+        assert cli_main(["quarantine", "retry", item_id, "--db", db, "--by", "tester"]) == 0
+        _wait_for(lambda: open_items() == [])
+        _wait_for(lambda: "safetynet_quarantine_open 0.0" in serve.metrics())
+        capsys.readouterr()
+        assert cli_main(["quarantine", "list", "--all", "--db", db]) == 0
+        assert "retried by tester" in capsys.readouterr().out
