@@ -147,7 +147,6 @@ def store(database_url: str) -> Iterator[SqlStore]:
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     """Put the root and uvicorn loggers back as they were after a test reconfigures them."""
-    make_record = logging.Logger.makeRecord
     names = ["", "uvicorn", "uvicorn.error", "uvicorn.access"]
     saved = {}
     for name in names:
@@ -160,7 +159,6 @@ def restore_logging() -> Iterator[None]:
         logger.setLevel(level)
         logger.propagate = propagate
         logger.disabled = disabled
-    logging.Logger.makeRecord = make_record  # type: ignore[method-assign]
 
 
 # --- HTTP: probes and metrics -----------------------------------------------------------------
@@ -510,7 +508,7 @@ def test_log_extras_outside_the_allow_list_are_dropped(restore_logging: None) ->
     configure_logging("INFO", stream=buffer)  # idempotent: still one handler, one line each
     logger = logging.getLogger("safetynet.test")
 
-    logger.info("message stored", extra={"inbox_id": 5, "name": "Smith"})
+    logger.info("message stored", extra={"inbox_id": 5, "surname": "Smith"})
     logger.debug("not at this level", extra={"inbox_id": 6})
     logger.warning({"inbox_id": 7, "nhs_number": NHS_NUMBER})
 
@@ -523,7 +521,7 @@ def test_log_extras_outside_the_allow_list_are_dropped(restore_logging: None) ->
     assert datetime.fromisoformat(first["time"]).utcoffset() == timedelta(0)
     assert lines[1]["inbox_id"] == 7
     assert "Smith" not in buffer.getvalue()
-    assert "name" not in first
+    assert "surname" not in first
     assert NHS_NUMBER not in buffer.getvalue()
 
 

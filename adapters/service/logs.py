@@ -17,10 +17,6 @@ call site:
   the preferred identifier token itself (`https://fhir.nhs.uk/Id/nhs-number|<NHS number>`),
   so logging it would log the NHS number. Add a key here only if no value of it can name a
   patient.
-- **A clashing extra is dropped, not raised.** The standard library raises `KeyError` for an
-  extra named like a record attribute (`extra={"name": ...}`), which would turn a careless log
-  call into a failed message. `configure_logging` makes `Logger.makeRecord` drop such keys
-  instead (process-wide, for every logger: the one change here outside the handler).
 - **Exceptions keep their type and frames, not their message.** A driver error quotes its SQL
   parameters (a raw HL7 message on an inbox insert), a parser error the segment it choked on;
   so a traceback is logged as each exception's qualified type name and its frames (file, line,
@@ -37,7 +33,6 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import IO, Any
@@ -89,8 +84,6 @@ _RECORD_FIELDS = frozenset(logging.LogRecord("", logging.INFO, "", 0, "", None, 
     "asctime",
     "taskName",
 }
-
-_STANDARD_MAKE_RECORD = logging.Logger.makeRecord
 
 # Marks the root handler `configure_logging` installed, so calling it again replaces it.
 _OURS = "_safetynet_json_handler"
@@ -186,34 +179,11 @@ def _traceback_without_messages(ei: _ExcInfo | tuple[None, None, None]) -> str:
     return "".join(lines).rstrip("\n")
 
 
-def _make_record_dropping_clashes(
-    self: logging.Logger,
-    name: str,
-    level: int,
-    fn: str,
-    lno: int,
-    msg: object,
-    args: Any,
-    exc_info: Any,
-    func: str | None = None,
-    extra: Mapping[str, object] | None = None,
-    sinfo: str | None = None,
-) -> logging.LogRecord:
-    """`Logger.makeRecord` without the `KeyError` for extras named like record attributes:
-    those are dropped (the record keeps its own `name`, `msg`...)."""
-    if extra:
-        extra = {key: value for key, value in extra.items() if key not in _RECORD_FIELDS}
-    return _STANDARD_MAKE_RECORD(
-        self, name, level, fn, lno, msg, args, exc_info, func, extra, sinfo
-    )
-
-
 def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> None:
     """Send every logger's records, as safe JSON lines, to `stream` (standard error by default)
     at `level` and above.
 
-    Installs one handler on the root logger with `JsonLogFormatter` and `SafeExtrasFilter`,
-    and makes every logger drop, rather than raise on, an extra named like a record attribute.
+    Installs one handler on the root logger with `JsonLogFormatter` and `SafeExtrasFilter`.
     Idempotent: calling it again replaces that handler (other handlers are left alone). Call it
     once from the composition root (and once in each worker process), before the first record
     is logged.
@@ -232,7 +202,6 @@ def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> Non
     handler.addFilter(SafeExtrasFilter())
     root.addHandler(handler)
     root.setLevel(numeric)
-    logging.Logger.makeRecord = _make_record_dropping_clashes  # type: ignore[method-assign]
 
 
 def uvicorn_log_config(level: str = "INFO", stream: IO[str] | None = None) -> dict[str, Any]:
