@@ -195,3 +195,33 @@ def test_an_orphan_result_is_quarantined_then_retried_once_its_order_arrives(
         capsys.readouterr()
         assert cli_main(["quarantine", "list", "--all", "--db", db]) == 0
         assert "retried by tester" in capsys.readouterr().out
+
+
+def test_outbox_destination_down_for_a_while_then_back(
+    tmp_path: Path, destination: FhirTestServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = f"sqlite:///{tmp_path / 'sn.db'}"
+    destination.stop()  # nothing listening at all: connection refused
+    outbox = f"fhir={destination.base_url},webhook={destination.hook_url}"
+    with ServeProcess(db, tmp_path / "serve.log", "--outbox", outbox) as serve:
+        acks = mllp_exchange(serve.mllp_port, _derby_messages())
+        assert {msa(a)[0] for a in acks} == {"AA"}
+
+        def status() -> str:
+            capsys.readouterr()
+            assert cli_main(["outbox", "status", "--db", db]) == 0
+            return capsys.readouterr().out
+
+        # An unreachable destination is probed one change at a time, not flooded.
+        _wait_for(lambda: "fhir: 0 delivered, 2 pending (1 failing)" in status())
+        assert "last error: connection failed" in status()
+        destination.start()
+        destination.mode = "down"  # up, but answering 503 with Retry-After
+        time.sleep(1.5)
+        assert destination.tasks() == []
+        destination.mode = "up"
+        _wait_for(lambda: "fhir: 2 delivered, 0 pending" in status(), timeout=40)
+        _wait_for(lambda: "webhook: 2 delivered, 0 pending" in status(), timeout=40)
+    held = destination.tasks_by_identifier("urn:safetynet:task")
+    assert len(held) == 2 and all(len(tasks) == 1 for tasks in held.values()), "none twice"
+    assert sorted(h["task_identifier"] for h in destination.webhooks()) == sorted(held)

@@ -754,7 +754,12 @@ class SqlUnitOfWork:
             # Delivered by the outbox dispatcher; shadow Tasks are recorded, never delivered.
             self._run(
                 self._sql.outbox_add,
-                {"task_identifier": task.identifier, "task_version": version, "created_at": at},
+                # Queued now (the store's clock), whatever the event time of the change.
+                {
+                    "task_identifier": task.identifier,
+                    "task_version": version,
+                    "created_at": self._now(),
+                },
             )
         return StoredTask(
             identifier=task.identifier,
