@@ -8,18 +8,31 @@ the webhook and FHIR destinations.
 
 from __future__ import annotations
 
+import itertools
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from adapters.cli import main as cli_main
+from adapters.synth import SynthConfig, synth_messages
 from tests.fhir_server import FhirTestServer
-from tests.service_harness import ROOT, ServeProcess, mllp_exchange, msa
+from tests.service_harness import (
+    END_BYTES,
+    ROOT,
+    START_BYTE,
+    ServeProcess,
+    mllp_exchange,
+    msa,
+    read_frame,
+)
 
 DERBY = ROOT / "tests" / "fixtures" / "hl7v2" / "derby"
 MLLP_SEND = Path(sys.executable).with_name("mllp_send")
@@ -123,18 +136,48 @@ def test_derby_scenario_through_mllp_send(
     assert any(r.get("message") == "stopped" for r in records)
 
 
-def test_sigterm_answers_the_message_in_hand_and_exits_cleanly(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_sigterm_mid_stream_answers_what_it_holds_and_exits_cleanly(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'sn.db'}"
-    with ServeProcess(db, tmp_path / "serve.log") as serve:
-        acks = mllp_exchange(serve.mllp_port, _derby_messages()[:2])
-        assert [msa(a)[0] for a in acks] == ["AA", "AA"]
-        assert serve.terminate() == 0
-    # What was acknowledged is stored and was processed.
-    capsys.readouterr()
-    assert cli_main(["quarantine", "list", "--db", db]) == 0
-    assert capsys.readouterr().out.startswith("0 item(s)")
+    messages = [m for _, m in itertools.islice(synth_messages(SynthConfig(seed=11)), 2000)]
+    acked: list[str] = []
+    closed = threading.Event()
+
+    def send(port: int) -> None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                for raw in messages:
+                    sock.sendall(START_BYTE + raw.encode() + END_BYTES)
+                    code, control_id = msa(read_frame(sock))
+                    assert code == "AA"
+                    acked.append(control_id)
+        except (ConnectionError, OSError):
+            closed.set()
+
+    serve = ServeProcess(db, tmp_path / "serve.log").start()
+    sender = threading.Thread(target=send, args=(serve.mllp_port,))
+    sender.start()
+    _wait_for(lambda: len(acked) >= 300)
+    assert serve.terminate() == 0, "a clean exit"
+    sender.join(10)
+    assert closed.is_set() and 300 <= len(acked) < len(messages), "stopped mid-stream"
+    records = serve.log_records()
+    assert any(r.get("message") == "stopped" for r in records)
+    assert not any(r.get("level") in ("ERROR", "CRITICAL") for r in records), records
+    # Everything acknowledged was stored; what the worker had not reached waits for the next
+    # start, which processes it.
+    with ServeProcess(db, tmp_path / "serve2.log"):
+        engine = create_engine(db)
+        try:
+
+            def states() -> dict[str, str]:
+                with engine.connect() as conn:
+                    rows = conn.execute(text("SELECT control_id, state FROM inbox")).all()
+                return {str(c): str(s) for c, s in rows}
+
+            _wait_for(lambda: "received" not in states().values())
+            assert set(acked) <= set(states())
+        finally:
+            engine.dispose()
 
 
 def test_errors_are_answered_with_err_and_kept_in_quarantine(
