@@ -161,6 +161,12 @@ class FrameReader:
         #: ``next_frame`` returns None).
         self.trailing_garbage = 0
 
+    @property
+    def pending_garbage(self) -> int:
+        """Garbage bytes discarded since the last frame returned and not yet counted in one:
+        what to report when giving up on the stream after a FramingError."""
+        return self._skipped
+
     async def _fill(self, deadline: float | None) -> bool:
         """Append one chunk from the stream to the buffer; False at end of stream.
 

@@ -206,6 +206,10 @@ class MllpListener:
             self.settings.host,
             self.settings.port,
             ssl=self.settings.ssl_context,
+            # A TLS handshake gets the same time as a message, not asyncio's 60 s.
+            ssl_handshake_timeout=(
+                self.settings.read_timeout if self.settings.ssl_context is not None else None
+            ),
             limit=1024 * 1024,
         )
         log.info("MLLP listening", extra={"peer": f"{self.settings.host}:{self.port}"})
@@ -268,12 +272,14 @@ class MllpListener:
             try:
                 frame = await frames.next_frame()
             except FrameTimeout as exc:
+                self._count_garbage(frames.pending_garbage)
                 self.metrics.timeouts.labels(exc.kind).inc()
                 log.info(
                     "connection timed out", extra={"peer": connection.peer, "reason_code": exc.kind}
                 )
                 return
             except FrameTruncated as exc:
+                self._count_garbage(frames.pending_garbage)
                 # Never acknowledged, so the sender still has it: nothing is lost.
                 log.warning(
                     "connection closed inside a frame",
@@ -300,9 +306,23 @@ class MllpListener:
                 )
                 if answer:
                     writer.write(encode_frame(answer))
-                    await writer.drain()
+                    try:
+                        # A peer that sends but never reads its ACKs must not hold a slot.
+                        await asyncio.wait_for(writer.drain(), s.read_timeout)
+                    except TimeoutError:
+                        self.metrics.timeouts.labels("write").inc()
+                        log.info(
+                            "connection timed out",
+                            extra={"peer": connection.peer, "reason_code": "write"},
+                        )
+                        return
             finally:
                 connection.busy = False
+
+    def _count_garbage(self, skipped: int) -> None:
+        """Report bytes skipped before the stream was given up on (a timeout, a truncation)."""
+        if skipped:
+            self.metrics.frames_garbage.inc(skipped)
 
     async def _answer(self, payload: bytes, oversized: int, peer: str) -> bytes:
         text = decode(payload)
