@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from adapters.hl7v2.ack import AckError, Header, ack_code, build_ack, read_header, should_send
 from adapters.hl7v2.er7 import decode
@@ -110,37 +111,39 @@ class InboxCommitter:
             self._commit(batch)
 
     def _commit(self, batch: list[_Job]) -> None:
-        outcomes: list[IngestResult | BaseException] = []
         try:
-            with self._store.begin() as uow:
-                for job in batch:
-                    try:
-                        with uow.savepoint():
-                            if job.oversized:
-                                result = self._ingest.accept_oversized(
-                                    uow,
-                                    job.text,
-                                    job.oversized,
-                                    self._limit,
-                                    job.received_at,
-                                    job.origin,
-                                )
-                            else:
-                                result = self._ingest.accept(
-                                    uow, job.text, job.received_at, job.origin
-                                )
-                        outcomes.append(result)
-                    except Exception as exc:
-                        log.exception("message could not be stored")
-                        outcomes.append(StoreUnavailable(f"the message could not be stored: {exc}"))
-        except Exception as exc:
+            outcomes: list[IngestResult | BaseException] = list(self._store_all(batch))
+        except Exception:
             log.exception("inbox commit failed", extra={"count": len(batch)})
-            outcomes = [StoreUnavailable(f"the inbox could not be written: {exc}")] * len(batch)
-        else:
-            self.commits += 1
-            self._on_commit()
+            # Find the one that failed (or learn that the database is down): one at a time.
+            outcomes = (
+                [self._store_alone(job) for job in batch]
+                if len(batch) > 1
+                else [StoreUnavailable("the inbox could not be written")]
+            )
         for job, outcome in zip(batch, outcomes, strict=True):
             job.loop.call_soon_threadsafe(_settle, job.future, outcome)
+
+    def _store_all(self, batch: list[_Job]) -> list[IngestResult]:
+        with self._store.begin() as uow:
+            results = [self._accept(uow, job) for job in batch]
+        self.commits += 1
+        self._on_commit()
+        return results
+
+    def _store_alone(self, job: _Job) -> IngestResult | BaseException:
+        try:
+            return self._store_all([job])[0]
+        except Exception:
+            log.exception("message could not be stored")
+            return StoreUnavailable("the message could not be stored")
+
+    def _accept(self, uow: Any, job: _Job) -> IngestResult:
+        if job.oversized:
+            return self._ingest.accept_oversized(
+                uow, job.text, job.oversized, self._limit, job.received_at, job.origin
+            )
+        return self._ingest.accept(uow, job.text, job.received_at, job.origin)
 
 
 def _settle(future: asyncio.Future[IngestResult], outcome: IngestResult | BaseException) -> None:

@@ -5,10 +5,12 @@ crash in the rule engine (durable_rules is C and can abort the process) costs a 
 the MLLP listener. It works only while it holds the processor lease (`adapters.store.lease`),
 so that of several instances on one PostgreSQL database exactly one processes.
 
-Crash accounting: before a batch is processed its messages' `attempts` are counted and
-committed; a message found with attempts already counted was being processed when a worker
-died, so it is retried alone; once it has been started `max_attempts` times it goes to
-quarantine ("failed") with a human-review item, and the rest go on.
+Crash accounting without a commit per message: a batch is claimed and processed in one
+transaction, so a crash leaves it all unprocessed. A worker begins careful (after every start,
+and after a failed step): for as many messages as a batch holds it takes them one at a time and
+commits each one's `attempts` before processing it, so the message that kills the process is
+found and counted; once it has been started `max_attempts` times it goes to quarantine
+("failed") with a human-review item, and the rest go on. Then it returns to whole batches.
 """
 
 from __future__ import annotations
@@ -102,6 +104,9 @@ class Worker:
         self._outbox_stop: threading.Event | None = None
         self._outbox_thread: threading.Thread | None = None
         self._last_renewal = 0.0
+        # Messages to take one at a time, each attempt committed before it is processed: the
+        # window in which a previous worker may have died (after every start and failure).
+        self._careful = settings.batch
 
     # --- one step -------------------------------------------------------------------------
 
@@ -132,39 +137,47 @@ class Worker:
             return 0
 
     def _process_batch(self) -> int:
+        """One batch, claimed and processed in one transaction (one commit); or, while careful
+        (after a start or a failure), one message whose attempt is committed first."""
         settings = self._settings
         with self._store.begin() as uow:
             self.lease.renew(uow)
-            batch = pending(uow, settings.batch)
-            poisoned = [m for m in batch if m.attempts >= settings.max_attempts]
-            for message in poisoned:
-                self._poison(uow, message)
-            batch = [m for m in batch if m.attempts < settings.max_attempts]
-            count_attempt(uow, [m.id for m in batch])
-        self._last_renewal = time.monotonic()
-        if not batch:
-            return len(poisoned)
+            batch = pending(uow, 1 if self._careful else settings.batch)
+            if not batch:
+                return 0
+            first = batch[0]
+            if first.attempts >= settings.max_attempts:
+                self._poison(uow, first)
+                return 1
+            if not (self._careful or first.attempts):
+                self._process(uow, batch)
+                self._last_renewal = time.monotonic()
+                return len(batch)
+            count_attempt(uow, [first.id])
         with self._store.begin() as uow:
             self.lease.renew(uow)
-            for message in batch:
-                result = self._ingest.process_stored(
-                    uow, message.id, message.raw, message.received_at
+            self._process(uow, [first])
+        self._last_renewal = time.monotonic()
+        self._careful = max(0, self._careful - 1)
+        return 1
+
+    def _process(self, uow: Any, batch: list[PendingMessage]) -> None:
+        for message in batch:
+            result = self._ingest.process_stored(uow, message.id, message.raw, message.received_at)
+            if result.ack_code != "AA":
+                log.warning(
+                    "message not processed",
+                    extra={"inbox_id": message.id, "reason_code": result.hl7_code},
                 )
-                if result.ack_code != "AA":
-                    log.warning(
-                        "message not processed",
-                        extra={"inbox_id": message.id, "reason_code": result.hl7_code},
-                    )
-                for task in result.tasks:
-                    log.info(
-                        "task raised",
-                        extra={
-                            "inbox_id": message.id,
-                            "task_identifier": task.identifier,
-                            "rule_id": task.rule_id,
-                        },
-                    )
-        return len(batch) + len(poisoned)
+            for task in result.tasks:
+                log.info(
+                    "task raised",
+                    extra={
+                        "inbox_id": message.id,
+                        "task_identifier": task.identifier,
+                        "rule_id": task.rule_id,
+                    },
+                )
 
     def _poison(self, uow: Any, message: PendingMessage) -> None:
         reason = (
@@ -249,6 +262,7 @@ class Worker:
                     # A bug or a database outage: the batch rolled back and its attempts are
                     # counted, so retrying cannot loop for ever on one message.
                     log.exception("processor step failed; retrying")
+                    self._careful = self._settings.batch
                     self.lease.epoch = None
                     self._become(STANDBY)
                     stop.wait(self._settings.poll_interval)
