@@ -38,6 +38,10 @@ log = logging.getLogger("safetynet.worker")
 
 PROCESSOR_LEASE = "processor"
 
+# How long one processing transaction may run. SQLite has one writer at a time, and the MLLP
+# listener's commits (which the senders' ACKs wait for) queue behind the worker's transaction.
+MAX_TRANSACTION_SECONDS = 0.01
+
 # Shared state values (`WorkerShared.state`), read by /readyz in the listener process.
 STARTING, STANDBY, ACTIVE = 0, 1, 2
 STATE_NAMES = {STARTING: "starting", STANDBY: "standby", ACTIVE: "active"}
@@ -107,6 +111,7 @@ class Worker:
         # Messages to take one at a time, each attempt committed before it is processed: the
         # window in which a previous worker may have died (after every start and failure).
         self._careful = settings.batch
+        self._last_done = 0
 
     # --- one step -------------------------------------------------------------------------
 
@@ -121,9 +126,9 @@ class Worker:
             self._ingest.processor.forget_due_hint()  # another instance may have scheduled
             self._become(ACTIVE)
         try:
-            done = self._process_batch()
-            if done < self._settings.batch:
-                # Drained: processing time catches up with the wall clock, timers fire on time.
+            done, drained = self._process_batch()
+            if drained:
+                # Processing time catches up with the wall clock, and timers fire on time.
                 self._clock.advance(self._now())
                 done += self._fire_timers()
             if not done and time.monotonic() - self._last_renewal > self._settings.lease_ttl / 3:
@@ -136,33 +141,43 @@ class Worker:
             self._become(STANDBY)
             return 0
 
-    def _process_batch(self) -> int:
+    def _process_batch(self) -> tuple[int, bool]:
         """One batch, claimed and processed in one transaction (one commit); or, while careful
-        (after a start or a failure), one message whose attempt is committed first."""
+        (after a start or a failure), one message whose attempt is committed first.
+
+        Returns how many messages were handled and whether the inbox is now drained."""
         settings = self._settings
+        # Fetch about what the time budget lets one transaction process, not a whole batch.
+        limit = 1 if self._careful else min(settings.batch, max(16, 2 * self._last_done))
         with self._store.begin() as uow:
             self.lease.renew(uow)
-            batch = pending(uow, 1 if self._careful else settings.batch)
+            batch = pending(uow, limit)
             if not batch:
-                return 0
+                return 0, True
             first = batch[0]
             if first.attempts >= settings.max_attempts:
                 self._poison(uow, first)
-                return 1
+                return 1, False
             if not (self._careful or first.attempts):
-                self._process(uow, batch)
+                done = self._last_done = self._process(uow, batch)
                 self._last_renewal = time.monotonic()
-                return len(batch)
-            count_attempt(uow, [first.id])
+                return done, done == len(batch) < limit
+            count_attempt(uow, [first.id])  # committed before the attempt
         with self._store.begin() as uow:
             self.lease.renew(uow)
             self._process(uow, [first])
         self._last_renewal = time.monotonic()
         self._careful = max(0, self._careful - 1)
-        return 1
+        return 1, False
 
-    def _process(self, uow: Any, batch: list[PendingMessage]) -> None:
+    def _process(self, uow: Any, batch: list[PendingMessage]) -> int:
+        """Process messages in order until the batch or the time budget is spent; how many."""
+        deadline = time.monotonic() + MAX_TRANSACTION_SECONDS
+        done = 0
         for message in batch:
+            if done and time.monotonic() > deadline:
+                break  # the rest stay "received" for the next transaction
+            done += 1
             result = self._ingest.process_stored(uow, message.id, message.raw, message.received_at)
             if result.ack_code != "AA":
                 log.warning(
@@ -178,6 +193,7 @@ class Worker:
                         "rule_id": task.rule_id,
                     },
                 )
+        return done
 
     def _poison(self, uow: Any, message: PendingMessage) -> None:
         reason = (
