@@ -38,6 +38,7 @@ check: lint typecheck test
 
 bench: setup
 	$(BIN)/python bench/bench_replay.py
+	$(BIN)/python bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var

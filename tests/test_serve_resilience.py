@@ -10,7 +10,9 @@ Task depends on when a timer happened to fire).
 from __future__ import annotations
 
 import itertools
+import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -90,9 +92,11 @@ class Sender:
     position: int = 0
     errors: int = 0
 
-    def run(self, stop_after: threading.Event | None = None) -> None:
-        """Send from the first unacknowledged message to the end; reconnect on failure."""
-        while self.position < len(self.messages):
+    def run(self, stop_after: threading.Event | None = None, give_up_after: float = 120) -> None:
+        """Send from the first unacknowledged message to the end; reconnect on failure; give
+        up (the test then fails on what was not acknowledged) after `give_up_after` seconds."""
+        deadline = time.monotonic() + give_up_after
+        while self.position < len(self.messages) and time.monotonic() < deadline:
             try:
                 with socket.create_connection(("127.0.0.1", self.port()), timeout=10) as sock:
                     while self.position < len(self.messages):
@@ -319,3 +323,28 @@ def test_a_message_that_crashes_the_worker_is_quarantined_after_k_attempts(
         ]
         assert restarts and float(restarts[0].split()[-1]) >= 2
         serve.wait_ready(processor="active")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_dead_or_frozen_worker_never_stops_the_listener(
+    tmp_path: Path, how: signal.Signals
+) -> None:
+    db = f"sqlite:///{tmp_path / 'sn.db'}"
+    messages = _messages(40, seed=13)
+    with ServeProcess(db, tmp_path / "serve.log") as serve:
+        first = Sender(messages[:20], lambda: serve.mllp_port)
+        first.run()
+        _wait_processed(db, 20)
+        [pid] = [
+            r["worker_pid"]
+            for r in serve.log_records()
+            if r.get("message") == "worker process started"
+        ]
+        time.sleep(0.3)  # idle: the worker is waiting for the doorbell
+        os.kill(pid, how)
+        rest = Sender(messages[20:], lambda: serve.mllp_port)
+        rest.run(give_up_after=10)
+        assert len(rest.acked) == 20, "ACKs still flow"
+        if how == signal.SIGSTOP:
+            os.kill(pid, signal.SIGCONT)
+        _wait_processed(db, 40, timeout=30)

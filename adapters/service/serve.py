@@ -80,12 +80,7 @@ class WorkerSupervisor:
         self._settings = settings
         self._metrics = metrics
         self._ctx = multiprocessing.get_context("spawn")
-        self.shared = WorkerShared(
-            wake=self._ctx.Event(),
-            stop=self._ctx.Event(),
-            state=self._ctx.Value("i", 0),
-            poisoned=self._ctx.Value("i", 0),
-        )
+        self.shared = WorkerShared.create(self._ctx)
         self._process: multiprocessing.process.BaseProcess | None = None
         self._stopping = False
         self._poison_seen = 0
@@ -146,8 +141,8 @@ class WorkerSupervisor:
     async def stop(self, grace: float = 30.0) -> None:
         """Ask the worker to finish its batch and stop; terminate it past `grace`."""
         self._stopping = True
-        self.shared.stop.set()
-        self.shared.wake.set()
+        self.shared.stop.value = 1
+        self.shared.doorbell.ring()
         process = self._process
         if process is None:
             return
@@ -183,7 +178,7 @@ class Service:
             self.parts.store,
             self.parts.ingest,
             max_message_bytes=settings.max_message_bytes,
-            on_commit=self.supervisor.shared.wake.set,
+            on_commit=self.supervisor.shared.doorbell.ring,
         )
         self.listener = MllpListener(
             ListenerSettings(

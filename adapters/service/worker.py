@@ -15,6 +15,7 @@ found and counted; once it has been started `max_attempts` times it goes to quar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -22,8 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from multiprocessing.sharedctypes import Synchronized
-from multiprocessing.synchronize import Event as MpEvent
+from multiprocessing.context import BaseContext
 from typing import Any
 
 from adapters.ingest import Hl7Ingest
@@ -67,14 +67,50 @@ class WorkerSettings:
     unsupported: str = "reject"
 
 
+class Doorbell:
+    """Wakes the worker from the listener process without ever blocking the one who rings.
+
+    A pipe: `ring` writes a byte without blocking (a full pipe already says "wake up"); `wait`
+    returns once a byte is there, and empties the pipe. Not a `multiprocessing.Event`: its
+    `set()` waits for sleeping waiters to acknowledge, so a worker killed or stopped (SIGSTOP)
+    while waiting would leave the listener's commit thread blocked for good.
+    """
+
+    def __init__(self, ctx: BaseContext) -> None:
+        self._reader, self._writer = ctx.Pipe(duplex=False)
+        os.set_blocking(self._writer.fileno(), False)
+
+    def ring(self) -> None:
+        """Ask the worker to look at the inbox now (never blocks)."""
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._writer.fileno(), b"\0")
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a ring; True if there was one (worker side)."""
+        if not self._reader.poll(max(0.0, timeout)):
+            return False
+        fd = self._reader.fileno()
+        os.set_blocking(fd, False)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(fd, 65536):
+                pass
+        return True
+
+
 @dataclass
 class WorkerShared:
-    """What the worker and the listener process share: wake-ups and counters."""
+    """What the worker and the listener process share: a doorbell, a stop flag and counters
+    (raw shared memory: no lock a dead process could hold)."""
 
-    wake: MpEvent
-    stop: MpEvent
-    state: Synchronized[int]
-    poisoned: Synchronized[int]
+    doorbell: Doorbell
+    stop: Any  # multiprocessing RawValue("b"): 1 asks the worker to stop
+    state: Any  # RawValue("i"): STARTING, STANDBY or ACTIVE
+    poisoned: Any  # RawValue("i"): messages quarantined after repeated failures
+
+    @classmethod
+    def create(cls, ctx: BaseContext) -> WorkerShared:
+        """New shared state for a worker started from `ctx`."""
+        return cls(Doorbell(ctx), ctx.RawValue("b", 0), ctx.RawValue("i", 0), ctx.RawValue("i", 0))
 
 
 def _wall_clock() -> datetime:
@@ -262,16 +298,14 @@ class Worker:
 
     def run(
         self,
-        wake: MpEvent | threading.Event,
-        stop: MpEvent | threading.Event,
-        parent_alive: Callable[[], bool] = lambda: True,
+        wait: Callable[[float], object],
+        stopping: Callable[[], bool],
     ) -> None:
-        """Work until `stop` is set (or `parent_alive()` turns false: the listener is gone):
-        process whatever `wake` announces, fire timers on time, poll for other instances'
-        messages every `poll_interval`."""
+        """Work until `stopping()`: process what arrives (`wait(seconds)` returns early when
+        told of new messages), fire timers on time, poll for other instances' messages every
+        `poll_interval`."""
         try:
-            while not stop.is_set() and parent_alive():
-                wake.clear()  # before the step: a wake-up during it is not lost
+            while not stopping():
                 try:
                     done = self.step()
                 except Exception:
@@ -281,17 +315,18 @@ class Worker:
                     self._careful = self._settings.batch
                     self.lease.epoch = None
                     self._become(STANDBY)
-                    stop.wait(self._settings.poll_interval)
+                    time.sleep(self._settings.poll_interval)
                     continue
                 if done:
                     continue
-                wait = self._settings.poll_interval
+                wait_for = wait if self.lease.held else time.sleep  # standby: poll only
+                seconds = self._settings.poll_interval
                 if self.lease.held:
                     until_timer = self.seconds_to_next_timer()
                     if until_timer is not None:
-                        wait = min(wait, until_timer)
-                if wait > 0:
-                    wake.wait(wait)
+                        seconds = min(seconds, until_timer)
+                if seconds > 0:
+                    wait_for(seconds)
         finally:
             self._stop_outbox()
             try:
@@ -321,8 +356,7 @@ def worker_main(settings: WorkerSettings, shared: WorkerShared) -> None:
         shared.state.value = state
 
     def on_poison() -> None:
-        with shared.poisoned.get_lock():
-            shared.poisoned.value += 1
+        shared.poisoned.value += 1  # only this process writes it
 
     worker = Worker(
         parts.store,
@@ -337,7 +371,10 @@ def worker_main(settings: WorkerSettings, shared: WorkerShared) -> None:
     parent = os.getppid()
     try:
         # An orphaned worker would hold the lease with no listener feeding it: leave with it.
-        worker.run(shared.wake, shared.stop, lambda: os.getppid() == parent)
+        worker.run(
+            shared.doorbell.wait,
+            lambda: bool(shared.stop.value) or os.getppid() != parent,
+        )
     finally:
         parts.store.close()
         log.info("worker stopped", extra={"worker_pid": os.getpid()})
