@@ -44,6 +44,7 @@ from adapters.outbox import (
 from adapters.outbox.store import ERROR_LIMIT, destinations
 from adapters.store import SqlStore, open_store
 from adapters.store.schema import outbox, outbox_delivery
+from engine.clock import SimulatedClock
 from engine.ports import StoredTask
 from tests.conftest import new_pg_database
 from tests.fhir_server import FhirTestServer
@@ -74,8 +75,9 @@ class Clock:
 class Tasks:
     """Writes Task changes through the store as the processor would, counting versions."""
 
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(self, store: SqlStore, store_clock: SimulatedClock | None = None) -> None:
         self.store = store
+        self.store_clock = store_clock  # the store's clock: when a change is queued
         self.versions: Counter[str] = Counter()
         self.changes = 0
 
@@ -94,6 +96,8 @@ class Tasks:
             "lastModified": at.isoformat(),
             "note": [{"text": f"version {version}"}],
         }
+        if self.store_clock is not None:
+            self.store_clock.advance(at)
         with self.store.begin() as uow:
             stored = uow.put_task(
                 StoredTask(
@@ -135,9 +139,15 @@ def tasks_stored(identifier: str) -> StoredTask:
 
 
 @pytest.fixture
-def store(database_url: str) -> Iterator[SqlStore]:
+def store_clock() -> SimulatedClock:
+    """The store's clock (it stamps when a change was queued)."""
+    return SimulatedClock(T0)
+
+
+@pytest.fixture
+def store(database_url: str, store_clock: SimulatedClock) -> Iterator[SqlStore]:
     """A migrated, empty store on each backend."""
-    opened = open_store(database_url)
+    opened = open_store(database_url, clock=store_clock)
     try:
         yield opened
     finally:
@@ -145,9 +155,9 @@ def store(database_url: str) -> Iterator[SqlStore]:
 
 
 @pytest.fixture
-def tasks(store: SqlStore) -> Tasks:
+def tasks(store: SqlStore, store_clock: SimulatedClock) -> Tasks:
     """Task changes written through the store."""
-    return Tasks(store)
+    return Tasks(store, store_clock)
 
 
 @pytest.fixture

@@ -15,13 +15,18 @@ Database errors (SQLAlchemy's `DBAPIError` tree) are not translated: to the call
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import os
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from alembic import command
 from alembic.config import Config
@@ -45,7 +50,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Dialect, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import BindParameter
@@ -863,13 +868,102 @@ class SqlUnitOfWork:
         self._execute(f"RELEASE SAVEPOINT {name}", ())
 
 
+class _WriteLock:
+    """One writing transaction at a time on a SQLite file, across threads and processes.
+
+    SQLite allows one writer; a second one waits in its busy handler, which sleeps between
+    polls in growing steps (measured here: 79 ms median and 1.2 s p99 waits behind 2 ms
+    holds). Writers that take this lock first (every `SqlStore` on the file) wait for each
+    other instead: a thread lock within the process, an exclusive `flock` on a file beside the
+    database between processes, polled every millisecond or so. Past the busy timeout the wait
+    fails as SQLite's would ("database is locked"). One lock per file per process: stores on
+    the same file in one process share it.
+    """
+
+    _registry: ClassVar[dict[Path, _WriteLock]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._threads = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+        self._users = 0
+
+    @classmethod
+    def open(cls, path: Path) -> _WriteLock:
+        """The process's lock for this file (shared by every store on it)."""
+        with cls._registry_lock:
+            lock = cls._registry.get(path)
+            if lock is None or lock._pid not in (0, os.getpid()):
+                lock = cls._registry[path] = _WriteLock(path)
+            lock._users += 1
+            return lock
+
+    def release(self) -> None:
+        """One store fewer uses it; the file is closed with the last."""
+        with self._registry_lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            self._registry.pop(self._path, None)
+            if self._fd is not None and self._pid == os.getpid():
+                os.close(self._fd)
+            self._fd = None
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    @contextmanager
+    def held(self, timeout: float) -> Iterator[None]:
+        """Hold the lock for the duration of the block; raises DBAPIError ("database is
+        locked") when it is not free within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        if not self._threads.acquire(timeout=timeout):
+            raise _locked()
+        try:
+            fd = self._file()
+            pause = 0.0002
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise _locked() from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.002)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._threads.release()
+
+
+def _locked() -> DBAPIError:
+    error = sqlite3.OperationalError("database is locked (another writer held it too long)")
+    return OperationalError("BEGIN IMMEDIATE", None, error)
+
+
 class SqlStore:
     """The `Store` port on a SQLAlchemy engine. Make it with `open_store`, which migrates."""
 
-    def __init__(self, engine: Engine, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Clock | None = None,
+        write_lock: Path | None = None,
+        busy_timeout_ms: int = 30_000,
+    ) -> None:
         self._engine = engine
         self._now: Callable[[], datetime] = clock.now if clock is not None else _wall_clock
         self._statements = _Statements(engine.dialect)
+        self._write_lock = _WriteLock.open(write_lock) if write_lock is not None else None
+        self._lock_timeout = busy_timeout_ms / 1000
 
     @property
     def engine(self) -> Engine:
@@ -889,7 +983,10 @@ class SqlStore:
         `read_only=True` takes no write lock (SQLite: deferred `BEGIN`, so it never waits for a
         writer) and refuses writes on both backends; use it for searches and reports.
         """
-        with self._engine.connect() as connection:
+        with contextlib.ExitStack() as stack:
+            if self._write_lock is not None and not read_only:
+                stack.enter_context(self._write_lock.held(self._lock_timeout))
+            connection = stack.enter_context(self._engine.connect())
             if read_only:
                 connection.execution_options(**{_READ_ONLY: True})
                 if self.dialect == "postgresql":
@@ -900,6 +997,9 @@ class SqlStore:
     def close(self) -> None:
         """Close every pooled connection. The store is unusable afterwards."""
         self._engine.dispose()
+        if self._write_lock is not None:
+            self._write_lock.release()
+            self._write_lock = None
 
 
 def _engine_url(url: str) -> URL:
@@ -988,8 +1088,11 @@ def open_store(
     clock for replay. Migrating a database already at the latest revision changes nothing.
     """
     parsed = _engine_url(url)
+    write_lock = None
     if parsed.get_backend_name() == "sqlite":
         engine = _sqlite_engine(parsed, busy_timeout_ms)
+        if parsed.database not in (None, "", ":memory:"):
+            write_lock = Path(f"{parsed.database}.writer-lock").resolve()
     else:
         engine = create_engine(parsed)
     try:
@@ -997,4 +1100,4 @@ def open_store(
     except BaseException:
         engine.dispose()
         raise
-    return SqlStore(engine, clock=clock)
+    return SqlStore(engine, clock=clock, write_lock=write_lock, busy_timeout_ms=busy_timeout_ms)
