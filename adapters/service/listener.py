@@ -64,13 +64,13 @@ class InboxCommitter:
         ingest: Hl7Ingest,
         *,
         max_message_bytes: int,
-        on_commit: Callable[[], None] = lambda: None,
+        on_writing: Callable[[bool], None] = lambda writing: None,
         max_batch: int = 500,
     ) -> None:
         self._store = store
         self._ingest = ingest
         self._limit = max_message_bytes
-        self._on_commit = on_commit
+        self._on_writing = on_writing
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inbox-committer", daemon=True)
@@ -111,6 +111,7 @@ class InboxCommitter:
             self._commit(batch)
 
     def _commit(self, batch: list[_Job]) -> None:
+        self._on_writing(True)
         try:
             outcomes: list[IngestResult | BaseException] = list(self._store_all(batch))
         except Exception:
@@ -121,6 +122,8 @@ class InboxCommitter:
                 if len(batch) > 1
                 else [StoreUnavailable("the inbox could not be written")]
             )
+        finally:
+            self._on_writing(False)
         for job, outcome in zip(batch, outcomes, strict=True):
             job.loop.call_soon_threadsafe(_settle, job.future, outcome)
 
@@ -128,7 +131,6 @@ class InboxCommitter:
         with self._store.begin() as uow:
             results = [self._accept(uow, job) for job in batch]
         self.commits += 1
-        self._on_commit()
         return results
 
     def _store_alone(self, job: _Job) -> IngestResult | BaseException:

@@ -178,7 +178,7 @@ class Service:
             self.parts.store,
             self.parts.ingest,
             max_message_bytes=settings.max_message_bytes,
-            on_commit=self.supervisor.shared.doorbell.ring,
+            on_writing=self.supervisor.shared.listener_wants_to_write,
         )
         self.listener = MllpListener(
             ListenerSettings(

@@ -42,6 +42,13 @@ PROCESSOR_LEASE = "processor"
 # listener's commits (which the senders' ACKs wait for) queue behind the worker's transaction.
 MAX_TRANSACTION_SECONDS = 0.01
 
+# On SQLite the worker gives way to the listener: while the listener has messages to commit,
+# the worker ends its transaction after the message in hand and waits (up to MAX_DEFERRAL)
+# before starting another. Senders wait for ACKs; processing can catch up. Under a saturating
+# burst the worker still gets a transaction every MAX_DEFERRAL (and the processing lag metric
+# shows how far behind it is). PostgreSQL has no single writer and needs none of this.
+MAX_DEFERRAL = 0.05
+
 # Shared state values (`WorkerShared.state`), read by /readyz in the listener process.
 STARTING, STANDBY, ACTIVE = 0, 1, 2
 STATE_NAMES = {STARTING: "starting", STANDBY: "standby", ACTIVE: "active"}
@@ -106,11 +113,29 @@ class WorkerShared:
     stop: Any  # multiprocessing RawValue("b"): 1 asks the worker to stop
     state: Any  # RawValue("i"): STARTING, STANDBY or ACTIVE
     poisoned: Any  # RawValue("i"): messages quarantined after repeated failures
+    listener_writing: Any  # RawValue("b"): 1 while the listener has messages to commit
 
     @classmethod
     def create(cls, ctx: BaseContext) -> WorkerShared:
         """New shared state for a worker started from `ctx`."""
-        return cls(Doorbell(ctx), ctx.RawValue("b", 0), ctx.RawValue("i", 0), ctx.RawValue("i", 0))
+        return cls(
+            Doorbell(ctx),
+            ctx.RawValue("b", 0),
+            ctx.RawValue("i", 0),
+            ctx.RawValue("i", 0),
+            ctx.RawValue("b", 0),
+        )
+
+    def listener_wants_to_write(self, wants: bool) -> None:
+        """The listener has messages to commit (True) or has committed them (False, and the
+        worker is woken to process them)."""
+        self.listener_writing.value = 1 if wants else 0
+        if not wants:
+            self.doorbell.ring()
+
+    def listener_busy(self) -> bool:
+        """Whether the listener is waiting to commit messages."""
+        return bool(self.listener_writing.value)
 
 
 def _wall_clock() -> datetime:
@@ -131,6 +156,7 @@ class Worker:
         dispatcher: Dispatcher | None = None,
         on_state: Callable[[int], None] = lambda state: None,
         on_poison: Callable[[], None] = lambda: None,
+        listener_busy: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
         self._ingest = ingest
@@ -140,6 +166,7 @@ class Worker:
         self._dispatcher = dispatcher
         self._on_state = on_state
         self._on_poison = on_poison
+        self._listener_busy = listener_busy
         self.lease = Lease(store, PROCESSOR_LEASE, settings.holder, settings.lease_ttl, now)
         self._outbox_stop: threading.Event | None = None
         self._outbox_thread: threading.Thread | None = None
@@ -183,6 +210,7 @@ class Worker:
 
         Returns how many messages were handled and whether the inbox is now drained."""
         settings = self._settings
+        self._give_way()
         # Fetch about what the time budget lets one transaction process, not a whole batch.
         limit = 1 if self._careful else min(settings.batch, max(16, 2 * self._last_done))
         with self._store.begin() as uow:
@@ -206,12 +234,20 @@ class Worker:
         self._careful = max(0, self._careful - 1)
         return 1, False
 
+    def _listener_waiting(self) -> bool:
+        return self._listener_busy is not None and self._listener_busy()
+
+    def _give_way(self) -> None:
+        until = time.monotonic() + MAX_DEFERRAL
+        while self._listener_waiting() and time.monotonic() < until:
+            time.sleep(0.0005)
+
     def _process(self, uow: Any, batch: list[PendingMessage]) -> int:
         """Process messages in order until the batch or the time budget is spent; how many."""
         deadline = time.monotonic() + MAX_TRANSACTION_SECONDS
         done = 0
         for message in batch:
-            if done and time.monotonic() > deadline:
+            if done and (time.monotonic() > deadline or self._listener_waiting()):
                 break  # the rest stay "received" for the next transaction
             done += 1
             result = self._ingest.process_stored(uow, message.id, message.raw, message.received_at)
@@ -366,6 +402,7 @@ def worker_main(settings: WorkerSettings, shared: WorkerShared) -> None:
         dispatcher=dispatcher,
         on_state=on_state,
         on_poison=on_poison,
+        listener_busy=shared.listener_busy if parts.store.dialect == "sqlite" else None,
     )
     log.info("worker started", extra={"worker_pid": os.getpid()})
     parent = os.getppid()
