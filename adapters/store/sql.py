@@ -221,6 +221,19 @@ class _Statements:
             .returning(inbox.c.id),
             *_INBOX_COLUMNS,
         )
+        # PostgreSQL: look for earlier copies and insert in one round trip (the listener's
+        # per-message cost is round trips there). `prior` reads the snapshot before the insert.
+        self.inbox_add_pg = (
+            None
+            if dialect.name != "postgresql"
+            else "WITH prior AS (SELECT id, content_hash, state FROM inbox"
+            " WHERE sender = %(sender)s AND control_id = %(control_id)s),"
+            f" ins AS ({self.inbox_insert.sql})"
+            " SELECT (SELECT id FROM ins),"
+            " (SELECT id FROM prior WHERE content_hash = %(content_hash)s),"
+            " (SELECT state FROM prior WHERE content_hash = %(content_hash)s),"
+            " (SELECT count(*) FROM prior)"
+        )
         self.inbox_set_state = prepare(
             update(inbox)
             .where(inbox.c.id == p("p_id"))
@@ -545,32 +558,36 @@ class SqlUnitOfWork:
         written. Same sender and control id with other content: a new row, `control_id_reused`.
         """
         key = {"sender": message.sender, "control_id": message.control_id}
-        earlier = self._query(self._sql.inbox_same_control_id, key)
-        for inbox_id, content_hash, state in earlier:
-            if content_hash == message.content_hash:
-                return InboxEntry(id=inbox_id, duplicate=True, state=state)
-        new_id = self._write(
-            self._sql.inbox_insert,
-            {
-                **key,
-                "content_hash": message.content_hash,
-                "received_at": message.received_at,
-                "protocol": message.protocol,
-                "message_type": message.message_type,
-                "origin": message.origin,
-                "raw": message.raw,
-                "state": "received",
-                "detail": "",
-                "processed_at": None,
-            },
-        )
-        if new_id is None:
-            # Another transaction stored the same message between our look and our insert.
-            found = self._run(
-                self._sql.inbox_find, {**key, "content_hash": message.content_hash}
-            ).one()
-            return InboxEntry(id=found[0], duplicate=True, state=found[1])
-        return InboxEntry(id=new_id, control_id_reused=bool(earlier), state="received")
+        row = {
+            **key,
+            "content_hash": message.content_hash,
+            "received_at": message.received_at,
+            "protocol": message.protocol,
+            "message_type": message.message_type,
+            "origin": message.origin,
+            "raw": message.raw,
+            "state": "received",
+            "detail": "",
+            "processed_at": None,
+        }
+        if self._sql.inbox_add_pg is not None:
+            cursor = self._execute(self._sql.inbox_add_pg, self._sql.inbox_insert.params(row))
+            new_id, same_id, same_state, earlier_count = cursor.fetchone()
+            if same_id is not None:
+                return InboxEntry(id=same_id, duplicate=True, state=same_state)
+            if new_id is not None:
+                return InboxEntry(id=new_id, control_id_reused=earlier_count > 0)
+        else:
+            earlier = self._query(self._sql.inbox_same_control_id, key)
+            for inbox_id, content_hash, state in earlier:
+                if content_hash == message.content_hash:
+                    return InboxEntry(id=inbox_id, duplicate=True, state=state)
+            new_id = self._write(self._sql.inbox_insert, row)
+            if new_id is not None:
+                return InboxEntry(id=new_id, control_id_reused=bool(earlier), state="received")
+        # Another transaction stored the same message between our look and our insert.
+        found = self._run(self._sql.inbox_find, {**key, "content_hash": message.content_hash}).one()
+        return InboxEntry(id=found[0], duplicate=True, state=found[1])
 
     def set_inbox_state(self, inbox_id: int, state: str, detail: str = "") -> None:
         """Record what became of a message; `processed_at` is the store's clock now."""
