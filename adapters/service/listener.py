@@ -80,6 +80,11 @@ class InboxCommitter:
         """Start the writer thread."""
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the writer thread is running (if it died, nothing would be stored)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         """Store what is queued, then stop the writer thread."""
         self._queue.put(None)

@@ -193,7 +193,7 @@ class Service:
             self.committer,
             self.metrics,
         )
-        health = Health(live=lambda: True, ready=self._ready)
+        health = Health(live=lambda: self.committer.alive, ready=self._ready)
         self.http = uvicorn.Server(
             uvicorn.Config(
                 build_ops_app(health, self.metrics.registry),

@@ -328,10 +328,6 @@ class Worker:
         self._outbox_thread.join()
         self._outbox_thread = self._outbox_stop = None
 
-    def outbox_failing(self) -> int:
-        """Deliveries failing past the alert threshold, over every destination."""
-        return sum(self._dispatcher.failing().values()) if self._dispatcher else 0
-
     def run(
         self,
         wait: Callable[[float], object],
