@@ -31,7 +31,7 @@ from adapters.outbox.destinations import destination_from_url
 from adapters.outbox.dispatcher import Dispatcher
 from adapters.store import SqlStore
 from adapters.store.lease import Lease, LeaseLost
-from adapters.store.operations import PendingMessage, count_attempt, pending
+from adapters.store.operations import PendingMessage, any_pending, count_attempt, pending
 from engine.clock import SimulatedClock
 
 log = logging.getLogger("safetynet.worker")
@@ -210,6 +210,9 @@ class Worker:
 
         Returns how many messages were handled and whether the inbox is now drained."""
         settings = self._settings
+        with self._store.begin(read_only=True) as look:
+            if not any_pending(look):
+                return 0, True  # idle: no write transaction (on SQLite, no writer lock)
         self._give_way()
         # Fetch about what the time budget lets one transaction process, not a whole batch.
         limit = 1 if self._careful else min(settings.batch, max(16, 2 * self._last_done))

@@ -20,6 +20,7 @@ from adapters.store.sql import SqlUnitOfWork
 __all__ = [
     "PendingMessage",
     "QuarantineItem",
+    "any_pending",
     "count_attempt",
     "pending",
     "quarantine_item",
@@ -77,6 +78,14 @@ def pending(uow: SqlUnitOfWork, limit: int) -> list[PendingMessage]:
             return batch or [message]
         batch.append(message)
     return batch
+
+
+def any_pending(uow: SqlUnitOfWork) -> bool:
+    """Whether any message waits for the processor (cheap; fine in a read-only unit of work)."""
+    found = uow.connection.execute(
+        select(_inbox.c.id).where(_inbox.c.state == "received").limit(1)
+    ).first()
+    return found is not None
 
 
 def count_attempt(uow: SqlUnitOfWork, ids: Sequence[int]) -> None:
