@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import os
 import queue
 import ssl
 import threading
-import uuid
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -129,8 +131,12 @@ class InboxCommitter:
             )
         finally:
             self._on_writing(False)
+        # One wake-up of each event loop per group, not one per message.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
         for job, outcome in zip(batch, outcomes, strict=True):
-            job.loop.call_soon_threadsafe(_settle, job.future, outcome)
+            by_loop.setdefault(job.loop, []).append((job.future, outcome))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, settled)
 
     def _store_all(self, batch: list[_Job]) -> list[IngestResult]:
         with self._store.begin() as uow:
@@ -153,13 +159,16 @@ class InboxCommitter:
         return self._ingest.accept(uow, job.text, job.received_at, job.origin)
 
 
-def _settle(future: asyncio.Future[IngestResult], outcome: IngestResult | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
+def _settle_all(
+    settled: list[tuple[asyncio.Future[IngestResult], IngestResult | BaseException]],
+) -> None:
+    for future, outcome in settled:
+        if future.done():
+            continue  # the connection went away
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 @dataclass
@@ -196,6 +205,7 @@ class MllpListener:
     _server: asyncio.Server | None = None
     _connections: set[_Connection] = field(default_factory=set)
     _closing: bool = False
+    _ack_ids: Iterator[str] = field(default_factory=lambda: _ack_control_ids())
 
     @property
     def port(self) -> int:
@@ -358,13 +368,20 @@ class MllpListener:
         ack = build_ack(
             header,
             code,
-            control_id=uuid.uuid4().hex[:20],
+            control_id=next(self._ack_ids),
             now=datetime.now(UTC),
             error=error,
             application=self.settings.application,
             facility=self.settings.facility,
         )
         return ack.encode("utf-8")
+
+
+def _ack_control_ids() -> Iterator[str]:
+    """MSH-10 values for ACKs, unique per listener and at most 20 characters (ST 20 up to
+    v2.5): the start time and process id, then a counter."""
+    prefix = f"A{int(time.time()):x}{os.getpid() % 0x1000:03x}"
+    return (f"{prefix}{n:x}" for n in itertools.count(1))
 
 
 def header_sender(header: Header | None) -> str:
