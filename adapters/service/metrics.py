@@ -26,7 +26,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from prometheus_client import (
@@ -43,6 +43,7 @@ from sqlalchemy import case, func, select
 
 from adapters.store import SqlStore
 from adapters.store.schema import inbox, outbox_delivery, quarantine, tasks
+from engine.clock import WallClock
 
 __all__ = [
     "ACK_CODES",
@@ -81,8 +82,7 @@ MAX_MESSAGE_TYPES = 128
 """Distinct message types given their own label value; later ones are counted as `other`."""
 
 
-def _wall_clock() -> datetime:
-    return datetime.now(UTC)
+_wall_clock = WallClock().now  # the clock port's wall clock
 
 
 def _aware(at: datetime) -> datetime:

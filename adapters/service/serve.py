@@ -19,7 +19,6 @@ import signal
 import ssl
 import threading
 import time
-from datetime import UTC, datetime
 
 import uvicorn
 from sqlalchemy import text
@@ -32,12 +31,12 @@ from adapters.service.logs import configure_logging, uvicorn_log_config
 from adapters.service.metrics import ServiceMetrics, StoreCollector, last_seen_by_sender
 from adapters.service.worker import STATE_NAMES, WorkerSettings, WorkerShared, worker_main
 from adapters.store import SqlStore
+from engine.clock import WallClock
 
 log = logging.getLogger("safetynet.serve")
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+_now = WallClock().now  # the clock port's wall clock
 
 
 def ssl_context(settings: ServeSettings) -> ssl.SSLContext | None:

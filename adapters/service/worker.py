@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from multiprocessing.context import BaseContext
 from typing import Any
 
@@ -32,7 +32,7 @@ from adapters.outbox.dispatcher import Dispatcher
 from adapters.store import SqlStore
 from adapters.store.lease import Lease, LeaseLost
 from adapters.store.operations import PendingMessage, any_pending, count_attempt, pending
-from engine.clock import SimulatedClock
+from engine.clock import SimulatedClock, WallClock
 
 log = logging.getLogger("safetynet.worker")
 
@@ -138,8 +138,7 @@ class WorkerShared:
         return bool(self.listener_writing.value)
 
 
-def _wall_clock() -> datetime:
-    return datetime.now(UTC)
+_wall_clock = WallClock().now  # the clock port's wall clock
 
 
 class Worker:
