@@ -9,7 +9,7 @@ import argparse
 import os
 import socket
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -294,14 +294,3 @@ def load_serve_settings(
         raise ValueError("tls_cert and tls_key must be given together")
     names = {f.name for f in fields(ServeSettings)}
     return ServeSettings(**{k: v for k, v in values.items() if k in names})
-
-
-def describe(settings: ServeSettings) -> Sequence[tuple[str, str]]:
-    """(name, value) pairs for a start-up log line; secrets are masked."""
-    out = []
-    for f in fields(settings):
-        value = getattr(settings, f.name)
-        if f.name == "webhook_secret" and value:
-            value = "***"
-        out.append((f.name, str(value)))
-    return out

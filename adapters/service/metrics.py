@@ -177,7 +177,7 @@ class ServiceMetrics:
         )
         self.connections_refused = Counter(
             "safetynet_mllp_connections_refused_total",
-            "MLLP connections refused (connection limit reached, or peer not allowed).",
+            "MLLP connections closed at once because the connection limit was reached.",
             registry=r,
         )
         self.oversized = Counter(

@@ -24,7 +24,7 @@ import uvicorn
 from sqlalchemy import text
 
 from adapters.bootstrap import build_live_parts
-from adapters.service.config import ServeSettings, describe
+from adapters.service.config import ServeSettings
 from adapters.service.http import Health, build_ops_app
 from adapters.service.listener import InboxCommitter, ListenerSettings, MllpListener
 from adapters.service.logs import configure_logging, uvicorn_log_config
@@ -235,7 +235,7 @@ class Service:
             # Not possible outside the main thread (a test may run the service in one).
             with contextlib.suppress(RuntimeError, ValueError):
                 self._loop.add_signal_handler(signum, self._stop.set)
-        log.info("starting", extra={"count": len(describe(self.settings))})
+        log.info("starting", extra={"lease_holder": self.settings.instance})
         self.committer.start()
         await self.listener.start()
         http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
