@@ -12,7 +12,6 @@ finish its batch and release its lease, stop the HTTP listener, exit 0.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import signal
@@ -94,11 +93,6 @@ class WorkerSupervisor:
         """active, standby, starting or down."""
         return STATE_NAMES.get(self.shared.state.value, "?") if self.alive else "down"
 
-    @property
-    def pid(self) -> int | None:
-        """The worker's process id (for tests and logs)."""
-        return self._process.pid if self._process is not None else None
-
     def _spawn(self) -> None:
         self.shared.state.value = 0
         self._process = self._ctx.Process(
@@ -162,17 +156,18 @@ def _database_ok(store: SqlStore) -> bool:
 
 
 class Service:
-    """The running service; `run()` until SIGTERM/SIGINT or `request_stop()`."""
+    """The running service; `run()` until SIGTERM or SIGINT."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.parts = build_live_parts(worker_settings(settings))
+        for_worker = worker_settings(settings)
+        self.parts = build_live_parts(for_worker)
         self.metrics = ServiceMetrics(silence_alarm=settings.feed_silence_alarm)
         self.metrics.registry.register(
             StoreCollector(self.parts.store, _now, settings.outbox_alert_after)
         )
         self.metrics.seed_last_seen(last_seen_by_sender(self.parts.store))
-        self.supervisor = WorkerSupervisor(worker_settings(settings), self.metrics)
+        self.supervisor = WorkerSupervisor(for_worker, self.metrics)
         self.committer = InboxCommitter(
             self.parts.store,
             self.parts.ingest,
@@ -202,8 +197,6 @@ class Service:
                 lifespan="off",
             )
         )
-        self._stop: asyncio.Event | None = None
-        self.ready = threading.Event()  # set once every listener is up (for tests)
 
     def _ready(self) -> tuple[bool, dict[str, str]]:
         database = _database_ok(self.parts.store)
@@ -215,36 +208,19 @@ class Service:
         ok = database and self.listener.listening and self.supervisor.alive
         return ok, detail
 
-    @property
-    def http_port(self) -> int:
-        """The bound HTTP port."""
-        servers = getattr(self.http, "servers", [])
-        port: int = servers[0].sockets[0].getsockname()[1] if servers else self.settings.http_port
-        return port
-
-    def request_stop(self) -> None:
-        """Begin a clean stop (thread-safe)."""
-        if self._stop is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-
     async def run(self) -> None:
         """Start everything, wait for a stop signal, stop everything in order."""
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            # Not possible outside the main thread (a test may run the service in one).
-            with contextlib.suppress(RuntimeError, ValueError):
-                self._loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signum, stop.set)
         log.info("starting", extra={"lease_holder": self.settings.instance})
         self.committer.start()
         await self.listener.start()
         http_thread = threading.Thread(target=self.http.run, name="http", daemon=True)
         http_thread.start()
         supervisor = asyncio.create_task(self.supervisor.run())
-        while not self.http.started and http_thread.is_alive():
-            await asyncio.sleep(0.02)
-        self.ready.set()
-        await self._stop.wait()
+        await stop.wait()
         log.info("stopping: no new connections; finishing messages in hand")
         await self.listener.stop()
         self.committer.stop()
@@ -254,8 +230,6 @@ class Service:
         await asyncio.to_thread(http_thread.join, 10)
         self.parts.store.close()
         log.info("stopped")
-
-    _loop: asyncio.AbstractEventLoop | None = None
 
 
 def serve(settings: ServeSettings) -> int:
