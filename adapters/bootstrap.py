@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from adapters.fhir.task import task_resource
+from adapters.fhir.task import task_resource, task_restatus
 from adapters.hl7v2.mapping import Mapper, MappingSettings
 from adapters.ingest import Hl7Ingest, IngestPolicy
 from adapters.store import SqlStore, open_store
@@ -53,7 +53,7 @@ def build_replay_app(db_url: str, rules_dir: Path) -> App:
     catalogue = load_catalogue(rules_dir)
     clock = SimulatedClock()
     store = open_store(db_url, clock=clock)
-    processor = Processor(catalogue, task_resource)
+    processor = Processor(catalogue, task_resource, task_restatus)
     mapper = Mapper(MappingSettings(catalogue.site.timezone, catalogue.site.mdm_document_types))
 
     def now_for(events: Sequence[Event]) -> datetime:
@@ -100,7 +100,7 @@ def build_live_parts(settings: LiveSettings) -> LiveParts:
     ConfigurationError for a bad rules folder, ValueError for a bad database URL."""
     catalogue = load_catalogue(Path(settings.rules_dir))
     store = open_store(settings.db_url)
-    processor = Processor(catalogue, task_resource)
+    processor = Processor(catalogue, task_resource, task_restatus)
     mapper = Mapper(MappingSettings(catalogue.site.timezone, catalogue.site.mdm_document_types))
     policy = IngestPolicy(settings.processing_ids, settings.versions, settings.unsupported)
     clock = SimulatedClock()

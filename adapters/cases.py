@@ -24,6 +24,11 @@ the Tasks expected at the end (none for a "no-recall" case):
     order = "ORD-1"
     priority = "urgent"
     owner = "C1001"
+    status = "requested"                  # the Task's status at the end (default: any)
+
+A case may name a second identity, `[prior_patient]`, for a merge: events with
+`as = "prior"` are sent under it, and a `merged` event merges it into `[patient]`. Events with
+`unmatched = true` carry no patient at all (a results-only feed).
 
 The events are canonical events (engine.events), so a case says what happened clinically,
 not how a feed encoded it. Running a case uses a fresh in-memory database, the rules folder's
@@ -40,7 +45,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from adapters.fhir.task import task_resource
+from adapters.fhir.task import task_resource, task_restatus
 from adapters.store import open_store
 from engine.catalogue import Catalogue
 from engine.clock import SimulatedClock
@@ -48,19 +53,25 @@ from engine.errors import ConfigurationError
 from engine.events import (
     AdmissionCancelled,
     Clinician,
+    ClinicalNote,
     DischargeCancelled,
     Event,
     ImagingOrdered,
     OrderCancelled,
+    OrderChanged,
     OrderRef,
     Patient,
     PatientAdmitted,
     PatientDischarged,
     PatientIdentifier,
     PatientRegistered,
+    PatientsMerged,
     PatientTransferred,
     ReportIssued,
+    SafeguardingFlagCleared,
+    SafeguardingFlagRaised,
     SourceRef,
+    TaskStatusChanged,
     Visit,
 )
 from engine.ports import StoredTask
@@ -75,7 +86,13 @@ EVENT_TYPES = (
     "admission-cancelled",
     "ordered",
     "cancelled",
+    "performed",
     "report",
+    "flag",
+    "flag-cleared",
+    "note",
+    "task",
+    "merged",
 )
 KINDS = ("recall", "no-recall")
 
@@ -89,6 +106,7 @@ class Expectation:
     priority: str | None = None
     owner: str | None = None
     part_of: str | None = None  # the rule whose Task this one is part of
+    status: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,20 +152,63 @@ def _clinician(ident: Any) -> Clinician | None:
     return Clinician(str(ident), f"Dr {ident}", "GMC") if ident else None
 
 
-def build_event(row: Mapping[str, Any], patient: Patient, n: int, tz: ZoneInfo) -> Event:
+def build_event(
+    row: Mapping[str, Any],
+    patient: Patient,
+    n: int,
+    tz: ZoneInfo,
+    prior: Patient | None = None,
+) -> Event:
     """One canonical event from a case row (`type`, `at` and the type's fields)."""
     kind = row.get("type")
     where = f"event {n} ({kind})"
     if kind not in EVENT_TYPES:
         raise ConfigurationError(f"{where}: type must be one of {', '.join(EVENT_TYPES)}")
     at = _time(row.get("at"), where)
+    who: Patient | None = patient
+    if row.get("as") == "prior":
+        if prior is None:
+            raise ConfigurationError(f"{where}: as = 'prior' needs a [prior_patient]")
+        who = prior
+    if row.get("unmatched"):
+        who = None
     common: dict[str, Any] = {
         "source": SourceRef("case", f"case-{n}", str(kind)),
         "occurred_at": at,
         "received_at": at,
-        "patient": patient,
+        "patient": who,
         "encounter": str(row.get("visit", "")),
     }
+    if kind == "flag":
+        return SafeguardingFlagRaised(
+            **common, flag=str(row.get("flag", "F1")), category=str(row.get("category", ""))
+        )
+    if kind == "flag-cleared":
+        return SafeguardingFlagCleared(**common, flag=str(row.get("flag", "F1")))
+    if kind == "note":
+        if not row.get("text"):
+            raise ConfigurationError(f"{where}: needs text")
+        return ClinicalNote(
+            **common,
+            note=str(row.get("note", f"N{n}")),
+            text=str(row["text"]),
+            source_kind=str(row.get("source", "clinical note")),
+        )
+    if kind == "merged":
+        if prior is None:
+            raise ConfigurationError(f"{where}: a merge needs a [prior_patient]")
+        return PatientsMerged(**common, prior=prior.identifiers)
+    if kind == "task":
+        if not row.get("rule") or not row.get("order") or not row.get("status"):
+            raise ConfigurationError(f"{where}: needs rule, order and status")
+        return TaskStatusChanged(
+            **{**common, "patient": None},
+            status=str(row["status"]),
+            rule=str(row["rule"]),
+            order=OrderRef(placer=str(row["order"]), placer_ns="RIS"),
+            by=str(row.get("by", "")),
+            note=str(row.get("note", "")),
+        )
     visit = Visit(
         patient_class=str(row.get("class", "E")),
         location=str(row.get("location", "")),
@@ -180,6 +241,8 @@ def build_event(row: Mapping[str, Any], patient: Patient, n: int, tz: ZoneInfo) 
         )
     if kind == "cancelled":
         return OrderCancelled(**common, order=order, control="CA")
+    if kind == "performed":
+        return OrderChanged(**common, order=order, control="SC", order_status="CM")
     status = str(row.get("status", ""))
     if status not in ("preliminary", "final", "corrected", "withdrawn"):
         raise ConfigurationError(
@@ -192,6 +255,10 @@ def build_event(row: Mapping[str, Any], patient: Patient, n: int, tz: ZoneInfo) 
         flags=tuple(row.get("flags", ())),
         procedure_name=str(row.get("procedure", "")),
         section=str(row.get("section", "RAD")),
+        performed_at=_time(row["performed"], where) if "performed" in row else None,
+        alert=str(row.get("alert", "")),
+        findings=tuple(row.get("findings", ())),
+        wrong_patient=bool(row.get("wrong_patient", False)),
     )
 
 
@@ -227,12 +294,19 @@ def load_case(path: Path, tz: ZoneInfo) -> Case:
         if kind not in KINDS:
             raise ConfigurationError(f"kind must be 'recall' or 'no-recall', not {kind!r}")
         patient = case_patient(raw.get("patient", {}), tz)
+        prior = case_patient(raw["prior_patient"], tz) if "prior_patient" in raw else None
         events = tuple(
-            build_event(row, patient, n, tz) for n, row in enumerate(raw.get("events", []), 1)
+            build_event(row, patient, n, tz, prior)
+            for n, row in enumerate(raw.get("events", []), 1)
         )
         expect = tuple(
             Expectation(
-                str(e["rule"]), str(e["order"]), e.get("priority"), e.get("owner"), e.get("part_of")
+                str(e["rule"]),
+                str(e.get("order", "")),
+                e.get("priority"),
+                e.get("owner"),
+                e.get("part_of"),
+                e.get("status"),
             )
             for e in raw.get("expect", [])
         )
@@ -253,14 +327,16 @@ def _a(word: str) -> str:
 
 
 def _describe(task: StoredTask) -> str:
+    order = _order_of(task)
     return (
-        f"{_a(task.priority)} Task from {task.rule_id} for order {_order_of(task)} "
-        f"owned by {task.owner}"
+        f"{_a(task.priority)} Task from {task.rule_id}"
+        + (f" for order {order}" if order else "")
+        + f" owned by {task.owner}"
     )
 
 
 def _order_of(task: StoredTask) -> str:
-    for ident in task.resource.get("contained", [{}])[0].get("identifier", []):
+    for ident in (task.resource.get("contained") or [{}])[0].get("identifier", []):
         if ident.get("type", {}).get("coding", [{}])[0].get("code") == "PLAC":
             return str(ident.get("value", ""))
     return ""
@@ -270,7 +346,7 @@ def run_case(case: Case, catalogue: Catalogue) -> CaseResult:
     """Run a case through the real engine and compare the Tasks raised with those expected."""
     clock = SimulatedClock()
     store = open_store("sqlite://", clock=clock)
-    processor = Processor(catalogue, task_resource)
+    processor = Processor(catalogue, task_resource, task_restatus)
     tasks: list[StoredTask] = []
     try:
         with store.begin() as uow:
@@ -281,6 +357,8 @@ def run_case(case: Case, catalogue: Catalogue) -> CaseResult:
             if case.until is not None:
                 clock.advance(case.until)
             tasks.extend(processor.fire_due(uow, clock.now()))
+            # Each Task as it stands at the end (a later event may have withdrawn it).
+            tasks = [uow.get_task(t.identifier) or t for t in tasks]
     finally:
         store.close()
     # A case speaks for its own rule (the folder it lives in) and the rules it names.
@@ -296,27 +374,26 @@ def _compare(expected: Sequence[Expectation], tasks: Sequence[StoredTask]) -> li
         found = next(
             (t for t in unmatched if t.rule_id == exp.rule and _order_of(t) == exp.order), None
         )
+        about = f" for order {exp.order}" if exp.order else ""
         if found is None:
             what = f"{_a(exp.priority + ' Task') if exp.priority else 'a Task'} from {exp.rule}"
-            problems.append(f"expected {what} for order {exp.order}; none was raised")
+            problems.append(f"expected {what}{about}; none was raised")
             continue
         unmatched.remove(found)
         if exp.priority and found.priority != exp.priority:
             problems.append(
-                f"{exp.rule} for order {exp.order}: expected priority {exp.priority}, "
-                f"got {found.priority}"
+                f"{exp.rule}{about}: expected priority {exp.priority}, got {found.priority}"
             )
         if exp.owner and found.owner != exp.owner:
-            problems.append(
-                f"{exp.rule} for order {exp.order}: expected owner {exp.owner}, got {found.owner}"
-            )
+            problems.append(f"{exp.rule}{about}: expected owner {exp.owner}, got {found.owner}")
+        if exp.status and found.status != exp.status:
+            problems.append(f"{exp.rule}{about}: expected status {exp.status}, got {found.status}")
         if exp.part_of:
             parents = [t for t in tasks if t.rule_id == exp.part_of and _order_of(t) == exp.order]
             refs = {p["identifier"]["value"] for p in found.resource.get("partOf", [])}
-            if not parents or parents[0].identifier not in refs:
+            if not any(p.identifier in refs for p in parents):
                 problems.append(
-                    f"{exp.rule} for order {exp.order}: expected it to be part of the "
-                    f"{exp.part_of} Task"
+                    f"{exp.rule}{about}: expected it to be part of the {exp.part_of} Task"
                 )
     problems.extend(f"did not expect {_describe(t)}" for t in unmatched)
     return problems

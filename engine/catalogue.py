@@ -1,11 +1,13 @@
 """The rule catalogue: rule folders (`rules/<id>/`) and the site's `rules/settings.toml`.
 
-A rule folder holds `rule.toml` (id, title, version, status, parameters with defaults, units
-and docs: governance-owned), `rule.py` (the durable_rules conditions and the Task they raise:
+A rule folder holds `rule.toml` (id, title, version, status, parameters with defaults, units,
+docs and hard limits, and a `[tasks]` table saying how the engine treats its Tasks:
+governance-owned), `rule.py` (the durable_rules conditions and the Task they raise:
 engineer-owned, no module-level state), `cases/*.toml` and `README.md`. `settings.toml` holds
 the site's overrides: each rule's status and parameters under `[rules.<id>]`, and the shared
 definitions (time zone, what counts as imaging, what counts as leaving the hospital's care,
-owners, location names).
+owners, location names). Beside it, `directory.toml` maps clinicians to teams and roles to
+people, and `terminology.toml` maps surface words in clinical text to concepts.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from types import ModuleType
 from typing import Any, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from engine.directory import Directory, parse_directory
 from engine.errors import ConfigurationError
 from engine.events import Clinician
 from engine.facts import SiteFacts
+from engine.terminology import EMPTY as EMPTY_TERMINOLOGY
+from engine.terminology import Terminology, parse_terminology
 
 STATUSES = ("active", "shadow", "off")
 
@@ -37,6 +42,7 @@ class Parameter:
     unit: str
     doc: str
     source: str  # "default" | "site"
+    maximum: Any = None  # a hard limit no site may exceed (e.g. 72 h for a skeletal survey)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +55,8 @@ class Site:
     pool: Clinician
     locations: Mapping[str, str]
     mdm_document_types: frozenset[str]
+    directory: Directory = Directory()
+    terminology: Terminology = EMPTY_TERMINOLOGY
 
     def place(self, location: str, patient_class: str) -> str:
         """A plain-English place for a PV1-3 location, e.g. "the paediatric emergency
@@ -91,6 +99,10 @@ class Rule:
     module: RuleModule
     path: Path
     status_source: str = "default"
+    # How the engine treats this rule's Tasks (rule.toml [tasks]):
+    discharge_dependent: bool = False  # withdrawn when their discharge is cancelled (R12)
+    safeguarding: bool = False  # safeguarding Tasks: never withdrawn; escalate to L3
+    escalates: bool = True  # escalated when not accepted in time (R11)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -150,13 +162,16 @@ def _load_module(path: Path, rule_id: str) -> RuleModule:
     return module  # type: ignore[return-value,unused-ignore]
 
 
-def _site(settings: Mapping[str, Any], path: Path) -> Site:
+def _site(
+    settings: Mapping[str, Any], path: Path, directory: Directory, terminology: Terminology
+) -> Site:
     try:
         tz = ZoneInfo(str(settings.get("timezone", "Europe/London")))
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise ConfigurationError(f"{path}: unknown time zone {settings.get('timezone')!r}") from exc
     discharge = settings.get("discharge", {})
     imaging = settings.get("imaging", {})
+    skeletal = imaging.get("skeletal_survey", {})
     owners = settings.get("owners", {})
     pool = owners.get("pool", {})
     if not pool.get("id"):
@@ -170,10 +185,17 @@ def _site(settings: Mapping[str, Any], path: Path) -> Site:
             imaging_name_words=tuple(w.lower() for w in imaging.get("procedure_name_words", [])),
             internal_dispositions=frozenset(discharge.get("internal_dispositions", [])),
             internal_destinations=frozenset(discharge.get("internal_destinations", [])),
+            skeletal_codes=frozenset(skeletal.get("procedure_codes", [])),
+            skeletal_name_words=tuple(
+                w.lower() for w in skeletal.get("procedure_name_words", ["skeletal survey"])
+            ),
+            terminology=terminology,
         ),
         pool=Clinician(str(pool["id"]), str(pool.get("name", "")), str(pool.get("system", ""))),
         locations=dict(settings.get("locations", {})),
         mdm_document_types=frozenset(imaging.get("mdm_document_types", [])),
+        directory=directory,
+        terminology=terminology,
     )
 
 
@@ -203,6 +225,12 @@ def load_rule(folder: Path, overrides: Mapping[str, Any]) -> Rule:
                     f"settings.toml: [rules.{card['id']}] {name} must be "
                     f"{type(spec['default']).__name__}, like its default"
                 )
+        maximum = spec.get("max")
+        if maximum is not None and value > maximum:
+            raise ConfigurationError(
+                f"{'settings.toml' if source == 'site' else card_path}: [rules.{card['id']}] "
+                f"{name} = {value} exceeds its hard limit {maximum}"
+            )
         params[name] = Parameter(
             name,
             value,
@@ -210,7 +238,12 @@ def load_rule(folder: Path, overrides: Mapping[str, Any]) -> Rule:
             str(spec.get("unit", "")),
             str(spec.get("doc", "")),
             source,
+            maximum,
         )
+    tasks = card.get("tasks", {})
+    unknown_flags = set(tasks) - {"discharge_dependent", "safeguarding", "escalates"}
+    if unknown_flags:
+        raise ConfigurationError(f"{card_path}: [tasks] has unknown keys {sorted(unknown_flags)}")
     unknown = set(overrides) - set(params) - {"status"}
     if unknown:
         raise ConfigurationError(
@@ -226,6 +259,9 @@ def load_rule(folder: Path, overrides: Mapping[str, Any]) -> Rule:
         module=_load_module(folder / "rule.py", card["id"]),
         path=folder,
         status_source=status_source,
+        discharge_dependent=bool(tasks.get("discharge_dependent", False)),
+        safeguarding=bool(tasks.get("safeguarding", False)),
+        escalates=bool(tasks.get("escalates", True)),
     )
 
 
@@ -235,7 +271,15 @@ def load_catalogue(path: Path) -> Catalogue:
     if not path.is_dir():
         raise ConfigurationError(f"{path}: rules folder not found")
     settings = _read_toml(path / "settings.toml")
-    site = _site(settings, path / "settings.toml")
+    directory = Directory()
+    if (path / "directory.toml").is_file():
+        directory = parse_directory(_read_toml(path / "directory.toml"), str(path / "directory.toml"))
+    terminology = EMPTY_TERMINOLOGY
+    if (path / "terminology.toml").is_file():
+        terminology = parse_terminology(
+            _read_toml(path / "terminology.toml"), str(path / "terminology.toml")
+        )
+    site = _site(settings, path / "settings.toml", directory, terminology)
     overrides = settings.get("rules", {})
     rules = tuple(
         load_rule(folder, overrides.get(folder.name, {}))

@@ -6,6 +6,7 @@
      |                               the message stays unprocessed and a review item is kept
      +-- IdentityError               identifiers that cannot be resolved safely to one patient
      +-- LinkError                   a result that cannot be linked to an order or a patient
+     +-- TaskStateError              a Task status change that is not allowed from its state
 
 Foreign exceptions (durable_rules, TOML parsing) are translated at the module that meets them.
 Each error carries `ack_code` ("AE": the content is wrong or cannot be acted on safely).
@@ -39,3 +40,7 @@ class IdentityError(EngineError):
 
 class LinkError(EngineError):
     """A result names no known order and carries no patient to attach it to."""
+
+
+class TaskStateError(EngineError):
+    """A Task status change names no known Task, or is not allowed from its current status."""

@@ -207,8 +207,61 @@ class ReportIssued(Event):
     procedure_name: str = ""
     section: str = ""
     orderer: Clinician | None = None
+    # The radiologist's alert category: "critical", "urgent", "significant" (significant
+    # unexpected, including the national CANCER code) or "" (none); from a configured alert
+    # OBX or a DiagnosticReport conclusionCode.
+    alert: str = ""
+    # Normalised key-finding concepts of the report (e.g. SNOMED CT codes from conclusionCode
+    # or coded OBX values); a change between preliminary and final is a discrepancy.
+    findings: tuple[str, ...] = ()
+    wrong_patient: bool = False  # withdrawn because it belongs to another patient (OBX-11 W)
 
     @property
     def abnormal(self) -> bool:
         """True when any observation carries an abnormal flag (anything but N or empty)."""
         return any(f not in ("", "N") for f in self.flags)
+
+
+ALERTS = ("", "significant", "urgent", "critical")
+"""Alert categories in rising order of urgency (RCR: significant unexpected, urgent, critical)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SafeguardingFlagRaised(Event):
+    """A safeguarding concern was recorded for the patient (FHIR Flag with a safeguarding
+    category, a CP-IS alert, or a configured HL7 source). `flag` names it for clearing."""
+
+    flag: str
+    category: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SafeguardingFlagCleared(Event):
+    """A safeguarding flag was withdrawn or entered in error."""
+
+    flag: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClinicalNote(Event):
+    """Clinical free text about the patient: a triage note, ED clerking, a midwife's or
+    health visitor's note, a radiology request's clinical details. The engine reads it only
+    through the site's terminology map (rules/terminology.toml); the text itself is not kept."""
+
+    note: str  # an identifier of the note within its source (document id, order number)
+    text: str
+    source_kind: str = ""  # what kind of note, in words: "triage note", "request details"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskStatusChanged(Event):
+    """A clinician changed a Task's status: accepted, in-progress, completed (with a note),
+    rejected (with a reason). The Task is named by its identifier, or by the rule that raised
+    it and its order (the latest such Task)."""
+
+    status: str
+    task: str = ""
+    rule: str = ""
+    order: OrderRef | None = None
+    by: str = ""  # who: a clinician id or a user name
+    note: str = ""

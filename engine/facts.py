@@ -10,8 +10,17 @@ Fact keys (unique per patient):
     admission:<visit>            an admission (A01/A06) and when
     discharge:<visit>            the latest discharge of the visit, its disposition, whether it
                                  leaves the hospital's care, and whether it was cancelled (A13)
-    order:<order key>            an order: procedure, imaging or not, orderer, cancellation
-    report:<order key>:<n>       one report message for an order: status P/F/C/W, flags, time
+    order:<order key>            an order: procedure, imaging or not, skeletal survey or not,
+                                 orderer, when performed, cancellation
+    report:<order key>:<n>       one report message for an order: status P/F/C/W, flags, alert
+                                 rank, key-finding concepts, time
+    flag:<id>                    a safeguarding flag: raised when, still active or not
+    finding:<note>:<concept>     a concept a clinical note asserts (not negated), with the words
+                                 it used and the body region (terminology.toml)
+    task:<identifier>            a Task the engine raised, as rules need it: rule, order key,
+                                 priority, status, deadline, escalation level (written by the
+                                 processor, so rules can escalate or withdraw Tasks)
+    merge:<prior key>            a merge brought in another record's history (R13)
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from engine.events import (
+    ALERTS,
     AdmissionCancelled,
+    ClinicalNote,
     Clinician,
     DischargeCancelled,
     Event,
@@ -36,15 +47,22 @@ from engine.events import (
     PatientTransferred,
     PatientUpdated,
     ReportIssued,
+    SafeguardingFlagCleared,
+    SafeguardingFlagRaised,
     Visit,
 )
 from engine.identity import preferred_identifier
+from engine.terminology import EMPTY as EMPTY_TERMINOLOGY
+from engine.terminology import Terminology
 from engine.ports import Fact
 
 # `cancelled_at` of an order that was never cancelled: later than any real time, so that
 # "not cancelled by t" is the single comparison `cancelled_at > t` (see engine.definitions).
 NEVER = 9_999_999_999
 REPORT_CODES = {"preliminary": "P", "final": "F", "corrected": "C", "withdrawn": "W"}
+# OBX-8 abnormal flags that mean a critical result (table 0078: panic high/low, critically
+# abnormal).
+CRITICAL_FLAGS = frozenset({"AA", "HH", "LL"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +74,16 @@ class SiteFacts:
     imaging_name_words: tuple[str, ...]
     internal_dispositions: frozenset[str]
     internal_destinations: frozenset[str]
+    skeletal_codes: frozenset[str] = frozenset()
+    skeletal_name_words: tuple[str, ...] = ("skeletal survey",)
+    terminology: Terminology = EMPTY_TERMINOLOGY
+
+    def is_skeletal_survey(self, code: str, name: str) -> bool:
+        """A skeletal survey by procedure code, or by a configured phrase in its name."""
+        if code and code in self.skeletal_codes:
+            return True
+        lowered = name.lower()
+        return any(word in lowered for word in self.skeletal_name_words)
 
     def is_imaging(self, section: str, code: str, name: str) -> bool:
         """Imaging by OBR-24 section, by procedure code, or by a word in the procedure name."""
@@ -98,7 +126,7 @@ def _merged(current: Mapping[str, Fact], key: str, kind: str, new: Mapping[str, 
 def _patient_fact(current: Mapping[str, Fact], patient: Patient | None) -> list[Fact]:
     if patient is None:
         return []
-    new: dict[str, Any] = {"sex": patient.sex}
+    new: dict[str, Any] = {"sex": patient.sex, "unmatched": 0}
     if patient.birth is not None:
         new["birth_at"] = epoch(patient.birth)
         new["birth_date"] = patient.birth.date().isoformat()
@@ -191,6 +219,12 @@ def _order_fact(
     if isinstance(event, ReportIssued) and event.performed_at is not None:
         first_seen = min(first_seen, event.performed_at)
     data.setdefault("ordered_at", epoch(first_seen))
+    data.setdefault("performed_at", NEVER)
+    if isinstance(event, ReportIssued) and event.performed_at is not None:
+        data["performed_at"] = min(int(data["performed_at"]), epoch(event.performed_at))
+    data["skeletal"] = int(
+        site.is_skeletal_survey(str(data.get("code", "")), str(data.get("name", "")))
+    )
     data["imaging"] = int(
         site.is_imaging(
             str(data.get("section", "")), str(data.get("code", "")), str(data.get("name", ""))
@@ -246,10 +280,18 @@ def project(
             )
         else:
             data["order_status"] = event.order_status
+            if event.order_status in PERFORMED_STATUSES:
+                data["performed_at"] = min(
+                    int(data.get("performed_at", NEVER)), epoch(event.occurred_at)
+                )
         return [Fact(key, "order", data)]
     if isinstance(event, ReportIssued):
         out = [*_patient_fact(current, event.patient)]
-        if f"order:{order_key}" not in current:
+        okey = f"order:{order_key}"
+        if okey not in current or (
+            event.performed_at is not None
+            and int(current[okey].data.get("performed_at", NEVER)) > epoch(event.performed_at)
+        ):
             out.append(_order_fact(current, order_key, event, site))
         n = sum(1 for k in current if k.startswith(f"report:{order_key}:"))
         out.append(
@@ -264,12 +306,59 @@ def project(
                     "at": epoch(event.occurred_at),
                     "flags": ",".join(sorted({f for f in event.flags if f})),
                     "abnormal": int(event.abnormal),
+                    "alert": alert_rank(event),
+                    "findings": ",".join(sorted(set(event.findings))),
+                    "wrong_patient": int(event.wrong_patient),
                     "message_id": event.source.message_id,
                 },
             )
         )
         return out
+    if isinstance(event, SafeguardingFlagRaised | SafeguardingFlagCleared):
+        key = f"flag:{event.flag}"
+        data = dict(current[key].data) if key in current else {"kind": "flag", "flag": event.flag}
+        if isinstance(event, SafeguardingFlagRaised):
+            data.update(active=1, category=event.category, cleared_at=NEVER)
+            data.setdefault("at", epoch(event.occurred_at))
+        elif key in current:
+            data.update(active=0, cleared_at=epoch(event.occurred_at))
+        else:
+            return []
+        return [*_patient_fact(current, event.patient), Fact(key, "flag", data)]
+    if isinstance(event, ClinicalNote):
+        out = [*_patient_fact(current, event.patient)]
+        for finding in site.terminology.find(event.text):
+            out.append(
+                Fact(
+                    f"finding:{event.note}:{finding.concept}",
+                    "finding",
+                    {
+                        "kind": "finding",
+                        "concept": finding.concept,
+                        "words": finding.words,
+                        "region": finding.region,
+                        "patterned": int(finding.patterned),
+                        "at": epoch(event.occurred_at),
+                        "source": event.source_kind,
+                        "enc": event.encounter,
+                        "note": event.note,
+                    },
+                )
+            )
+        return out
     return []
+
+
+PERFORMED_STATUSES = frozenset({"IP", "CM"})  # ORC-5: in process, completed
+
+
+def alert_rank(report: ReportIssued) -> int:
+    """The report's alert as a rank (0 none, 1 significant unexpected, 2 urgent, 3 critical):
+    the radiologist's category, or critical when an observation is flagged AA, HH or LL."""
+    rank = ALERTS.index(report.alert) if report.alert in ALERTS else 0
+    if CRITICAL_FLAGS & set(report.flags):
+        rank = 3
+    return rank
 
 
 def months_between(birth: datetime, at: datetime) -> int:
@@ -283,23 +372,22 @@ def months_between(birth: datetime, at: datetime) -> int:
 def working_memory(
     facts: Iterable[Fact], now: datetime, tz: Any
 ) -> list[tuple[str, dict[str, Any]]]:
-    """What the rules see: the stored facts, each discharge with the patient's age at that
-    moment (`age_months`, `age_days`; -1 when the birth date is unknown), and `now`."""
+    """What the rules see: the stored facts, each dated one (`at`; an order's `ordered_at`)
+    with the patient's age at that moment (`age_months`, `age_days`; -1 when the birth date
+    is unknown), and `now`."""
     facts = list(facts)
     birth_at = next((f.data.get("birth_at") for f in facts if f.kind == "patient"), None)
+    born = None if birth_at is None else from_epoch(int(birth_at)).astimezone(tz)
     out: list[tuple[str, dict[str, Any]]] = []
     for fact in facts:
         data = dict(fact.data)
-        if fact.kind == "discharge":
-            if birth_at is None:
+        at = data.get("ordered_at" if fact.kind == "order" else "at")
+        if isinstance(at, int) and fact.kind != "task":
+            if born is None:
                 data.update(age_months=-1, age_days=-1)
             else:
-                born = from_epoch(int(birth_at)).astimezone(tz)
-                left = from_epoch(int(data["at"])).astimezone(tz)
-                data.update(
-                    age_months=months_between(born, left),
-                    age_days=(left - born).days,
-                )
+                then = from_epoch(at).astimezone(tz)
+                data.update(age_months=months_between(born, then), age_days=(then - born).days)
         out.append((fact.key, data))
     out.append(("now", {"kind": "now", "t": epoch(now)}))
     return out

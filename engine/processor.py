@@ -4,17 +4,25 @@ Everything happens inside the caller's unit of work, so a message's facts, Tasks
 audit entries commit together or not at all. Evaluation re-reads the patient's complete facts
 from the store every time (the database is the record) and re-raises every matching Task;
 Tasks have deterministic identifiers, so only new ones are written.
+
+Each Task raised is also written as a `task:<identifier>` fact, so rules can see Tasks:
+escalation (R11) watches their deadlines and status, withdrawal (R12) their discharge. A
+clinician's status change (`TaskStatusChanged`) updates both the Task and its fact. A result
+that names no known order and no patient is kept under a placeholder patient
+(`unmatched-...`) for the identity rule (R14); when a later message names its order with a
+patient, the placeholder is merged into that patient.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from engine.catalogue import Catalogue, Rule
-from engine.errors import IdentityError, LinkError, RuleEvaluationError
+from engine.errors import IdentityError, LinkError, RuleEvaluationError, TaskStateError
 from engine.events import (
     Event,
     ImagingOrdered,
@@ -22,15 +30,43 @@ from engine.events import (
     OrderChanged,
     PatientsMerged,
     ReportIssued,
+    TaskStatusChanged,
 )
-from engine.facts import by_key, project, working_memory
+from engine.facts import by_key, epoch, project, working_memory
 from engine.identity import new_patient_key
 from engine.ports import Fact, StoredTask, UnitOfWork
 from engine.rulecore import RuleCore
-from engine.tasks import PRIORITIES, RecallTask, RuleMatch
+from engine.tasks import CLOSED, NOT_ACCEPTED, PRIORITIES, RecallTask, RuleMatch, TaskChange
 
 TaskRenderer = Callable[[RecallTask], Mapping[str, Any]]
 """Turns a decided Task into the resource stored and delivered (FHIR R4 Task JSON)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """A change of a stored Task's status, for the TaskRestatus port to write into its JSON."""
+
+    status: str
+    at: datetime
+    by: str
+    reason: str = ""  # statusReason: why (cancelled, rejected)
+    note: str = ""  # what was done (completed)
+    business_status: str = ""
+
+
+TaskRestatus = Callable[[Mapping[str, Any], StatusUpdate], Mapping[str, Any]]
+"""Writes a status change into a stored Task's resource (FHIR: status, statusReason, note,
+lastModified)."""
+
+UNMATCHED_PREFIX = "unmatched-"
+# Status changes a clinician may make, from each status.
+ALLOWED = {
+    **{s: frozenset({"accepted", "in-progress", "completed", "rejected"}) for s in NOT_ACCEPTED},
+    "accepted": frozenset({"in-progress", "completed", "rejected"}),
+    "in-progress": frozenset({"completed", "rejected"}),
+}
+NEEDS_TEXT = {"completed": "a note of what was done", "rejected": "a reason"}
+MAX_PASSES = 4  # Tasks raised in one evaluation may let rules over Tasks match: re-decide
 
 _FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 _ORDER_EVENTS = (ImagingOrdered, OrderCancelled, OrderChanged, ReportIssued)
@@ -47,9 +83,15 @@ class Applied:
 class Processor:
     """Applies canonical events to the store and evaluates the rules of a catalogue."""
 
-    def __init__(self, catalogue: Catalogue, render: TaskRenderer) -> None:
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        render: TaskRenderer,
+        restatus: TaskRestatus | None = None,
+    ) -> None:
         self.catalogue = catalogue
         self._render = render
+        self._restatus = restatus
         self._rules: dict[str, Rule] = {}
         definitions: dict[str, Mapping[str, Any]] = {}
         for rule in catalogue.evaluated:
@@ -63,11 +105,17 @@ class Processor:
     # --- identity -------------------------------------------------------------------------
 
     def _patient_key(self, uow: UnitOfWork, event: Event) -> str:
+        if isinstance(event, TaskStatusChanged):
+            return self._task_of(uow, event)[0]
         if event.patient is None or not event.patient.identifiers:
             if isinstance(event, _ORDER_EVENTS):
                 found = uow.order_for(event.order.tokens())
                 if found is not None:
                     return found[1]
+                if isinstance(event, ReportIssued) and event.order.tokens():
+                    # Kept for the identity rule (R14) rather than refused: a Task asks a
+                    # person to match it; its order, when it comes, re-homes it.
+                    return UNMATCHED_PREFIX + _digest(event.order.tokens()[0])
                 raise LinkError(
                     "result names no known order (placer/filler numbers) and carries no patient "
                     "identifiers",
@@ -87,18 +135,31 @@ class Processor:
             uow.add_patient_aliases(key, missing)
         return key
 
-    def _order_key(self, uow: UnitOfWork, event: Event, patient_key: str) -> str:
+    def _order_key(self, uow: UnitOfWork, event: Event, patient_key: str) -> tuple[str, bool]:
+        """The event's order key, and whether a placeholder patient was merged to find it."""
         if not isinstance(event, _ORDER_EVENTS):
-            return ""
+            return "", False
         tokens = event.order.tokens()
         if not tokens:
             raise LinkError("order has neither a placer nor a filler number", "ORC-2")
         found = uow.order_for(tokens)
+        rehomed = False
         if found is not None and found[1] != patient_key:
-            raise IdentityError("the order belongs to a different patient", "ORC-2")
+            if not found[1].startswith(UNMATCHED_PREFIX):
+                raise IdentityError("the order belongs to a different patient", "ORC-2")
+            # The order of a result held unmatched: its patient is now known.
+            uow.merge_patients(found[1], patient_key)
+            uow.audit(
+                event.received_at,
+                "engine",
+                "result.matched",
+                patient_key,
+                {"message": event.source.message_id},
+            )
+            found, rehomed = (found[0], patient_key), True
         order_key = found[0] if found is not None else tokens[0]
         uow.add_order_aliases(order_key, patient_key, tokens)
-        return order_key
+        return order_key, rehomed
 
     # --- events ---------------------------------------------------------------------------
 
@@ -110,9 +171,18 @@ class Processor:
         touched: dict[str, dict[str, Fact]] = {}
         for event in events:
             patient_key = self._patient_key(uow, event)
+            if isinstance(event, TaskStatusChanged):
+                self._status_changed(uow, event, patient_key, now)
+                touched.pop(patient_key, None)
+                touched[patient_key] = by_key(uow.facts(patient_key))
+                continue
             if isinstance(event, PatientsMerged):
                 priors = set(uow.patients_for([i.token for i in event.prior]).values())
                 for prior in sorted(priors - {patient_key}):
+                    uow.put_facts(
+                        patient_key,
+                        [merge_fact(prior, uow.facts(prior), uow.facts(patient_key), event)],
+                    )
                     uow.merge_patients(prior, patient_key)
                     touched.pop(prior, None)
                     uow.audit(
@@ -123,13 +193,18 @@ class Processor:
                         {"message": event.source.message_id},
                     )
                 touched.pop(patient_key, None)  # the merge brought in facts: read again
-            order_key = self._order_key(uow, event, patient_key)
+            order_key, rehomed = self._order_key(uow, event, patient_key)
+            if rehomed:
+                touched.pop(patient_key, None)  # the placeholder's facts came in: read again
             current = touched.get(patient_key)
             if current is None:
                 current = touched[patient_key] = by_key(uow.facts(patient_key))
+            projected = project(event, current, self.catalogue.site.facts, order_key)
+            if patient_key.startswith(UNMATCHED_PREFIX) and "patient" not in current:
+                projected.append(Fact("patient", "patient", {"kind": "patient", "unmatched": 1}))
             changed = [
                 fact
-                for fact in project(event, current, self.catalogue.site.facts, order_key)
+                for fact in projected
                 if fact.key not in current or current[fact.key].data != fact.data
             ]
             if changed:
@@ -170,11 +245,15 @@ class Processor:
 
     # --- rules ----------------------------------------------------------------------------
 
-    def decide(self, memory: Sequence[tuple[str, Mapping[str, Any]]]) -> list[RecallTask]:
-        """The Tasks the rules raise over one patient's working memory (pure: no store).
-        Several matches for one identifier give one Task, at the highest priority."""
+    def decide(
+        self, memory: Sequence[tuple[str, Mapping[str, Any]]]
+    ) -> list[RecallTask | TaskChange]:
+        """The Tasks the rules raise, and the changes they make to existing Tasks, over one
+        patient's working memory (pure: no store). Several matches for one identifier give
+        one Task, at the highest priority; one change per Task (the first)."""
         index = dict(memory)
         decided: dict[str, RecallTask] = {}
+        changes: dict[str, TaskChange] = {}
         for match in self._core.evaluate(memory):
             rule = self._rules[match.rule]
             try:
@@ -191,10 +270,13 @@ class Processor:
                 raise RuleEvaluationError(f"{rule.id}: building the Task failed: {exc!r}") from exc
             if task is None:
                 continue
+            if isinstance(task, TaskChange):
+                changes.setdefault(task.identifier, task)
+                continue
             seen = decided.get(task.identifier)
             if seen is None or PRIORITIES.index(task.priority) > PRIORITIES.index(seen.priority):
                 decided[task.identifier] = task
-        return list(decided.values())
+        return [*decided.values(), *changes.values()]
 
     def evaluate(
         self,
@@ -203,42 +285,32 @@ class Processor:
         now: datetime,
         facts: Sequence[Fact] | None = None,
     ) -> list[StoredTask]:
-        """Evaluate one patient's rules at `now`; store new Tasks and the next timers.
-        `facts`: the patient's current facts when the caller has just read them."""
-        if facts is None:
-            facts = uow.facts(patient_key)
-        memory = working_memory(facts, now, self.catalogue.site.timezone)
+        """Evaluate one patient's rules at `now`; store new Tasks (and their facts), apply
+        the rules' changes to open Tasks, and schedule the next timers. `facts`: the
+        patient's current facts when the caller has just read them."""
+        current = by_key(uow.facts(patient_key) if facts is None else facts)
         created: list[StoredTask] = []
-        for task in self.decide(memory):
-            if uow.get_task(task.identifier) is not None:
-                continue  # already raised; from here on its owner manages it
-            stored = uow.put_task(
-                StoredTask(
-                    identifier=task.identifier,
-                    patient_key=patient_key,
-                    rule_id=task.rule_id,
-                    rule_version=task.rule_version,
-                    status=task.status,
-                    priority=task.priority,
-                    owner=task.owner.id,
-                    resource=self._render(task),
-                    shadow=task.shadow,
-                ),
-                at=now,
-                reason=f"raised by {task.rule_uri}",
+        for _ in range(MAX_PASSES):
+            memory = working_memory(current.values(), now, self.catalogue.site.timezone)
+            written: list[Fact] = []
+            for decision in self.decide(memory):
+                if isinstance(decision, TaskChange):
+                    fact = self._apply_change(uow, decision, now)
+                    if fact is not None:
+                        written.append(fact)
+                    continue
+                if uow.get_task(decision.identifier) is not None:
+                    continue  # already raised; from here on its owner manages it
+                created.append(self._raise(uow, patient_key, decision, now))
+                written.append(task_fact(decision, decision.status))
+            if not written:
+                break
+            uow.put_facts(patient_key, written)
+            current.update((f.key, f) for f in written)
+        else:
+            raise RuleEvaluationError(
+                f"rules still changing Tasks after {MAX_PASSES} passes (a rule loop)"
             )
-            uow.audit(
-                now,
-                f"rule:{task.rule_id}",
-                "task.raised",
-                task.identifier,
-                {
-                    "rule_version": task.rule_version,
-                    "priority": task.priority,
-                    "shadow": task.shadow,
-                },
-            )
-            created.append(stored)
         for rule in self.catalogue.evaluated:
             for due in rule.module.wake_times(memory, rule.params, self.catalogue.site):
                 if due > now:
@@ -246,3 +318,221 @@ class Processor:
                     if self._next_due is not None and due < self._next_due:
                         self._next_due = due
         return created
+
+    def _raise(
+        self, uow: UnitOfWork, patient_key: str, task: RecallTask, now: datetime
+    ) -> StoredTask:
+        stored = uow.put_task(
+            StoredTask(
+                identifier=task.identifier,
+                patient_key=patient_key,
+                rule_id=task.rule_id,
+                rule_version=task.rule_version,
+                status=task.status,
+                priority=task.priority,
+                owner=task.owner.id,
+                resource=self._render(task),
+                shadow=task.shadow,
+            ),
+            at=now,
+            reason=f"raised by {task.rule_uri}",
+        )
+        uow.audit(
+            now,
+            f"rule:{task.rule_id}",
+            "task.raised",
+            task.identifier,
+            {
+                "rule_version": task.rule_version,
+                "priority": task.priority,
+                "shadow": task.shadow,
+            },
+        )
+        return stored
+
+    # --- Task status ----------------------------------------------------------------------
+
+    def _task_of(self, uow: UnitOfWork, event: TaskStatusChanged) -> tuple[str, StoredTask]:
+        """(patient key, Task) a status change names: by identifier, or the latest Task of
+        the named rule for the named order."""
+        if event.task:
+            stored = uow.get_task(event.task)
+            if stored is None:
+                raise TaskStateError(f"no Task {event.task}", "Task.identifier")
+            return stored.patient_key, stored
+        found = uow.order_for(event.order.tokens()) if event.order is not None else None
+        if found is None:
+            raise TaskStateError("the status change names no known Task or order", "Task")
+        order_key, patient_key = found
+        candidates = [
+            f.data
+            for f in uow.facts(patient_key)
+            if f.kind == "task" and f.data["rule"] == event.rule and f.data["okey"] == order_key
+        ]
+        if not candidates:
+            raise TaskStateError(f"no {event.rule} Task for that order", "Task")
+        latest = max(candidates, key=lambda t: (int(t["raised_at"]), str(t["id"])))
+        stored = uow.get_task(str(latest["id"]))
+        if stored is None:
+            raise TaskStateError(f"Task {latest['id']} is not stored", "Task")
+        return patient_key, stored
+
+    def _status_changed(
+        self, uow: UnitOfWork, event: TaskStatusChanged, patient_key: str, now: datetime
+    ) -> None:
+        _, stored = self._task_of(uow, event)
+        allowed = ALLOWED.get(stored.status, frozenset())
+        if event.status not in allowed:
+            raise TaskStateError(
+                f"a {stored.status} Task cannot become {event.status}"
+                + (f" (allowed: {', '.join(sorted(allowed))})" if allowed else ""),
+                "Task.status",
+            )
+        if event.status in NEEDS_TEXT and not event.note.strip():
+            raise TaskStateError(
+                f"a Task marked {event.status} needs {NEEDS_TEXT[event.status]}", "Task.note"
+            )
+        update = StatusUpdate(
+            status=event.status,
+            at=event.occurred_at,
+            by=event.by,
+            reason=event.note if event.status == "rejected" else "",
+            note=event.note if event.status != "rejected" else "",
+        )
+        self._restate(uow, stored, update, actor=event.by or "unknown", now=now)
+        facts = by_key(uow.facts(patient_key))
+        changed = []
+        own = facts.get(f"task:{stored.identifier}")
+        if own is not None:
+            changed.append(Fact(own.key, "task", restated(own.data, event.status)))
+            parent = str(own.data.get("parent", ""))
+            # Accepting an escalation takes responsibility for the Task it escalated: the
+            # escalation of that Task stops (the first person to acknowledge closes the loop).
+            if (
+                int(own.data.get("level", 0)) > 0
+                and event.status not in ("rejected",)
+                and f"task:{parent}" in facts
+            ):
+                up = facts[f"task:{parent}"]
+                changed.append(Fact(up.key, "task", {**up.data, "open": 0, "acknowledged": 1}))
+        if changed:
+            uow.put_facts(patient_key, changed)
+
+    def _apply_change(self, uow: UnitOfWork, change: TaskChange, now: datetime) -> Fact | None:
+        """Apply a rule's change to a Task that is still open; None when it is not (a Task a
+        clinician has taken on or closed is theirs)."""
+        stored = uow.get_task(change.identifier)
+        if stored is None or stored.status not in NOT_ACCEPTED:
+            return None
+        update = StatusUpdate(status=change.status, at=now, by="", reason=change.reason)
+        self._restate(uow, stored, update, actor=f"rule:{change.rule_id}", now=now)
+        fact = next(
+            (f for f in uow.facts(stored.patient_key) if f.key == f"task:{change.identifier}"),
+            None,
+        )
+        if fact is None:
+            return None
+        return Fact(fact.key, "task", restated(fact.data, change.status))
+
+    def _restate(
+        self, uow: UnitOfWork, stored: StoredTask, update: StatusUpdate, actor: str, now: datetime
+    ) -> None:
+        if self._restatus is None:
+            raise RuleEvaluationError("this processor was built without a TaskRestatus port")
+        uow.put_task(
+            StoredTask(
+                identifier=stored.identifier,
+                patient_key=stored.patient_key,
+                rule_id=stored.rule_id,
+                rule_version=stored.rule_version,
+                status=update.status,
+                priority=stored.priority,
+                owner=stored.owner,
+                resource=self._restatus(stored.resource, update),
+                shadow=stored.shadow,
+            ),
+            at=now,
+            reason=f"{update.status} by {actor}" + (f": {update.reason}" if update.reason else ""),
+        )
+        uow.audit(
+            now,
+            actor,
+            f"task.{update.status}",
+            stored.identifier,
+            {"from": stored.status, "reason": update.reason[:200]} if update.reason else {
+                "from": stored.status
+            },
+        )
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def task_fact(task: RecallTask, status: str) -> Fact:
+    """What rules see of a Task they raised."""
+    enc, _, at = task.discharge.partition(":")
+    return Fact(
+        f"task:{task.identifier}",
+        "task",
+        {
+            "kind": "task",
+            "id": task.identifier,
+            "rule": task.rule_id,
+            "okey": task.subject_key,
+            "priority": task.priority,
+            "critical": int(task.priority == "stat"),
+            "status": status,
+            "open": int(status in NOT_ACCEPTED),
+            "closed": int(status in CLOSED),
+            "acknowledged": 0,
+            "owner": task.owner.id,
+            "raised_at": epoch(task.authored_on),
+            "deadline_at": epoch(task.deadline),
+            "enc": task.encounter,
+            "discharge_enc": enc,
+            "discharge_at": int(at) if at else 0,
+            "dependent": int(task.discharge_dependent),
+            "safeguarding": int(task.safeguarding),
+            "escalates": int(task.escalates and not task.shadow),
+            "shadow": int(task.shadow),
+            "level": task.level,
+            "parent": task.part_of or "",
+        },
+    )
+
+
+def restated(data: Mapping[str, Any], status: str) -> dict[str, Any]:
+    """A Task fact after a status change."""
+    return {
+        **data,
+        "status": status,
+        "open": int(status in NOT_ACCEPTED and not data.get("acknowledged")),
+        "closed": int(status in CLOSED),
+    }
+
+
+def merge_fact(
+    prior: str, prior_facts: Sequence[Fact], surviving_facts: Sequence[Fact], event: Event
+) -> Fact:
+    """What a merge brought together (R13): the safeguarding-relevant history of each side."""
+
+    def summary(facts: Sequence[Fact]) -> dict[str, int]:
+        return {
+            "flags": sum(1 for f in facts if f.kind == "flag" and f.data.get("active")),
+            "findings": sum(1 for f in facts if f.kind == "finding"),
+            "attendances": sum(1 for f in facts if f.kind == "encounter"),
+        }
+
+    before, after = summary(prior_facts), summary(surviving_facts)
+    return Fact(
+        f"merge:{prior}",
+        "merge",
+        {
+            "kind": "merge",
+            "at": epoch(event.occurred_at),
+            "message_id": event.source.message_id,
+            **{f"prior_{k}": v for k, v in before.items()},
+            **{f"surviving_{k}": v for k, v in after.items()},
+        },
+    )

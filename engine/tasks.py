@@ -19,6 +19,9 @@ from engine.events import Clinician
 from engine.facts import from_epoch
 
 PRIORITIES = ("routine", "urgent", "asap", "stat")
+# FHIR Task statuses: not yet taken on by anyone (escalation watches these), and finished.
+NOT_ACCEPTED = frozenset({"draft", "requested", "received", "ready"})
+CLOSED = frozenset({"completed", "cancelled", "rejected", "failed", "entered-in-error"})
 
 
 def task_identifier(rule_id: str, order_key: str, trigger: str) -> str:
@@ -57,12 +60,31 @@ class RecallTask:
     patient_value: str
     patient_is_nhs: bool
     encounter: str
-    focus: OrderFocus
+    focus: OrderFocus | None
     authored_on: datetime
     deadline: datetime
     part_of: str | None = None
     shadow: bool = False
     status: str = "requested"
+    subject_key: str = ""  # the order (or finding, flag...) key the identifier was built from
+    discharge: str = ""  # the discharge trigger it depends on ("<enc>:<epoch>"), if any
+    discharge_dependent: bool = False
+    safeguarding: bool = False
+    escalates: bool = True
+    level: int = 0  # escalation level: 0 the original, 1-3 escalation steps (R11)
+    inputs: tuple[tuple[str, str], ...] = ()  # (label, text) shown with the Task (FHIR input)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChange:
+    """A rule's decision to change an existing Task's status (e.g. R12 withdraws a Task whose
+    discharge was cancelled). Applied only while the Task is still open; audited."""
+
+    identifier: str
+    rule_id: str
+    rule_version: str
+    status: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -93,7 +115,7 @@ class RuleMatch:
     def task(
         self,
         *,
-        order: Mapping[str, Any],
+        order: Mapping[str, Any] | None,
         trigger: str,
         priority: str,
         description: str,
@@ -103,14 +125,25 @@ class RuleMatch:
         authored_on: datetime,
         deadline: datetime,
         part_of: str | None = None,
+        key: str = "",
+        discharge: Mapping[str, Any] | None = None,
+        level: int = 0,
+        inputs: Sequence[tuple[str, str]] = (),
     ) -> RecallTask:
-        """Assemble a RecallTask for this rule, with its deterministic identifier."""
+        """Assemble a RecallTask for this rule, with its deterministic identifier.
+
+        `order`: the order the Task is about (its focus), or None for a Task about something
+        else, named by `key` (a finding, a flag, a merge). `discharge`: the discharge the Task
+        depends on, for rules whose Tasks a cancelled discharge withdraws."""
         if priority not in PRIORITIES:
             raise ValueError(f"priority {priority!r} is not one of {PRIORITIES}")
+        subject = str(order["okey"]) if order is not None else key
+        if not subject:
+            raise ValueError("a Task needs an order or a key")
         patient = self.patient()
         rule = self.rule
         return RecallTask(
-            identifier=task_identifier(rule.id, str(order["okey"]), trigger),
+            identifier=task_identifier(rule.id, subject, trigger),
             rule_id=rule.id,
             rule_title=rule.title,
             rule_version=rule.version,
@@ -124,7 +157,9 @@ class RuleMatch:
             patient_value=str(patient.get("id_value", "")),
             patient_is_nhs=bool(patient.get("id_nhs", False)),
             encounter=encounter,
-            focus=OrderFocus(
+            focus=None
+            if order is None
+            else OrderFocus(
                 placer=str(order.get("placer", "")),
                 placer_ns=str(order.get("placer_ns", "")),
                 filler=str(order.get("filler", "")),
@@ -136,7 +171,18 @@ class RuleMatch:
             deadline=deadline,
             part_of=part_of,
             shadow=rule.status == "shadow",
+            subject_key=subject,
+            discharge=f"{discharge['enc']}:{discharge['at']}" if discharge is not None else "",
+            discharge_dependent=rule.discharge_dependent and discharge is not None,
+            safeguarding=rule.safeguarding,
+            escalates=rule.escalates,
+            level=level,
+            inputs=tuple(inputs),
         )
+
+    def change(self, identifier: str, status: str, reason: str) -> TaskChange:
+        """A decision to move an existing Task to `status`, with the reason in plain English."""
+        return TaskChange(identifier, self.rule.id, self.rule.version, status, reason)
 
 
 def responsible_clinician(
@@ -207,3 +253,17 @@ def who(discharge: Mapping[str, Any], patient: Mapping[str, Any]) -> str:
 def plus_hours(seconds: int, hours: float, site: Site) -> datetime:
     """`seconds` + `hours`, as an aware datetime in the site's time zone."""
     return local_time(seconds, site) + timedelta(hours=hours)
+
+
+def role_owner(site: Site, role: str) -> tuple[Clinician, bool]:
+    """Who holds a role in the site's directory (rules/directory.toml); the pool if nobody."""
+    return site.directory.role(role, site.pool)
+
+
+def consultant_in_charge(site: Site, clinician_id: str) -> tuple[Clinician, bool]:
+    """The consultant in charge of this clinician's team; failing that, whoever holds the
+    consultant-in-charge role; failing that, the pool."""
+    lead = site.directory.team_lead(clinician_id)
+    if lead is not None:
+        return lead[0], False
+    return role_owner(site, "consultant-in-charge")

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import engine.rulecore as rulecore
-from adapters.fhir.task import task_resource
+from adapters.fhir.task import task_resource, task_restatus
 from adapters.store import open_store
 from engine.catalogue import load_catalogue
 from engine.errors import RuleEvaluationError
@@ -108,7 +108,7 @@ class CheckedProcessor(Processor):
     """A processor that checks every evaluation against the plain-Python rules."""
 
     def __init__(self) -> None:
-        super().__init__(CATALOGUE, task_resource)
+        super().__init__(CATALOGUE, task_resource, task_restatus)
         self.evaluations = 0
         self.disagreements: list[str] = []
         self.oracle_union: dict[str, str] = {}
@@ -221,7 +221,7 @@ def test_action_errors_limits_and_bad_definitions_fail_closed() -> None:
 
 
 def test_an_error_while_building_a_task_fails_the_evaluation() -> None:
-    processor = Processor(CATALOGUE, task_resource)
+    processor = Processor(CATALOGUE, task_resource, task_restatus)
     memory = working_memory(
         [
             Fact(
@@ -443,7 +443,7 @@ def test_random_histories_engine_equals_plain_python(
     assert got == expected_tasks(memory)
 
 
-_PROCESSOR = Processor(CATALOGUE, task_resource)
+_PROCESSOR = Processor(CATALOGUE, task_resource, task_restatus)
 
 
 def test_the_alpha_short_cut_skips_only_rules_that_cannot_match() -> None:

@@ -9,14 +9,18 @@ the clinician's identifier from the XCN with its assigning authority; `code` the
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from fhir.resources.R4B.task import Task
 
 from engine.events import NHS_NUMBER_SYSTEM
+from engine.processor import StatusUpdate
 from engine.tasks import RecallTask
 
 TASK_SYSTEM = "urn:safetynet:task"
+TAG_SYSTEM = "urn:safetynet:tag"
+BUSINESS_SYSTEM = "urn:safetynet:business-status"
 RULE_SYSTEM = "urn:safetynet:rule"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 # Assigning authorities with a published FHIR identifier system; others get a local URN.
@@ -55,32 +59,16 @@ def task_resource(task: RecallTask) -> dict[str, Any]:
             "value": task.patient_value,
         },
     }
-    focus = task.focus
-    order_ids = []
-    if focus.placer:
-        order_ids.append(_typed("PLAC", authority_system(focus.placer_ns), focus.placer))
-    if focus.filler:
-        order_ids.append(_typed("FILL", authority_system(focus.filler_ns), focus.filler))
-    service_request: dict[str, Any] = {
-        "resourceType": "ServiceRequest",
-        "id": "order",
-        "identifier": order_ids,
-        "status": "unknown",
-        "intent": "order",
-        "subject": patient,
-    }
-    if focus.code or focus.name:
-        coding = {"system": "urn:safetynet:procedure", "code": focus.code or focus.name}
-        if focus.name:
-            coding["display"] = focus.name
-        service_request["code"] = {"coding": [coding], "text": focus.name or focus.code}
+    contained: list[dict[str, Any]] = []
+    if task.focus is not None:
+        contained.append(_service_request(task, patient))
     owner = task.owner
     resource: dict[str, Any] = {
         "resourceType": "Task",
         "id": task.identifier,
         "identifier": [{"system": TASK_SYSTEM, "value": task.identifier}],
         "instantiatesUri": task.rule_uri,
-        "contained": [service_request],
+        **({"contained": contained} if contained else {}),
         "status": task.status,
         "intent": "order",
         "priority": task.priority,
@@ -88,8 +76,8 @@ def task_resource(task: RecallTask) -> dict[str, Any]:
             "coding": [{"system": RULE_SYSTEM, "code": task.rule_id, "display": task.rule_title}]
         },
         "description": task.description,
-        "focus": {"reference": "#order", "type": "ServiceRequest"},
-        "for": patient,
+        **({"focus": {"reference": "#order", "type": "ServiceRequest"}} if contained else {}),
+        **({"for": patient} if task.patient_value else {}),
         "authoredOn": task.authored_on.isoformat(),
         "lastModified": task.authored_on.isoformat(),
         "requester": {"type": "Device", "display": "safetynet"},
@@ -121,9 +109,66 @@ def task_resource(task: RecallTask) -> dict[str, Any]:
                 "identifier": {"system": TASK_SYSTEM, "value": task.part_of},
             }
         ]
-    if task.shadow:
-        resource["meta"] = {"tag": [{"system": "urn:safetynet:tag", "code": "shadow"}]}
-    # Validate against the R4B model (it does not check value sets; ours are fixed above).
+    if task.inputs:
+        resource["input"] = [
+            {"type": {"text": label}, "valueString": text} for label, text in task.inputs
+        ]
+    if task.level:
+        resource["businessStatus"] = {
+            "coding": [{"system": BUSINESS_SYSTEM, "code": f"escalation-L{task.level}"}],
+            "text": f"Escalation level {task.level}",
+        }
+    tags = [code for code, on in (("shadow", task.shadow), ("safeguarding", task.safeguarding)) if on]
+    if tags:
+        resource["meta"] = {"tag": [{"system": TAG_SYSTEM, "code": code} for code in tags]}
+    return _validated(resource)
+
+
+def _validated(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate against the R4B model (it does not check value sets; ours are fixed here)."""
     validated = Task.model_validate(resource)
     out: dict[str, Any] = json.loads(validated.model_dump_json(by_alias=True, exclude_none=True))
     return out
+
+
+def _service_request(task: RecallTask, patient: Mapping[str, Any]) -> dict[str, Any]:
+    """The order the Task is about, contained, with its placer and filler numbers."""
+    focus = task.focus
+    assert focus is not None
+    order_ids = []
+    if focus.placer:
+        order_ids.append(_typed("PLAC", authority_system(focus.placer_ns), focus.placer))
+    if focus.filler:
+        order_ids.append(_typed("FILL", authority_system(focus.filler_ns), focus.filler))
+    service_request: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "id": "order",
+        "identifier": order_ids,
+        "status": "unknown",
+        "intent": "order",
+        "subject": patient,
+    }
+    if focus.code or focus.name:
+        coding = {"system": "urn:safetynet:procedure", "code": focus.code or focus.name}
+        if focus.name:
+            coding["display"] = focus.name
+        service_request["code"] = {"coding": [coding], "text": focus.name or focus.code}
+    return service_request
+
+
+def task_restatus(resource: Mapping[str, Any], update: StatusUpdate) -> dict[str, Any]:
+    """The stored Task JSON after a status change: `status`, `lastModified`, the reason
+    (`statusReason`) or what was done (`note`, with who and when)."""
+    out = dict(resource)
+    out["status"] = update.status
+    out["lastModified"] = update.at.isoformat()
+    if update.reason:
+        out["statusReason"] = {"text": update.reason}
+    if update.note:
+        note: dict[str, Any] = {"text": update.note, "time": update.at.isoformat()}
+        if update.by:
+            note["authorString"] = update.by
+        out["note"] = [*resource.get("note", []), note]
+    if update.business_status:
+        out["businessStatus"] = {"text": update.business_status}
+    return _validated(out)
