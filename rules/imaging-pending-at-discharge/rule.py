@@ -71,6 +71,7 @@ def recall_task(match: RuleMatch) -> RecallTask:
         reason="Imaging result pending when the patient was discharged",
         owner=responsible_clinician(site, d, o),
         encounter=str(d["enc"]),
+        discharge=d,
         authored_on=local_time(raised, site),
         deadline=plus_hours(raised, match.p["ack_hours"], site),
     )

@@ -112,6 +112,7 @@ def recall_task(match: RuleMatch) -> RecallTask:
         reason="Final imaging report issued after the patient was discharged",
         owner=responsible_clinician(site, d, o),
         encounter=str(d["enc"]),
+        discharge=d,
         authored_on=local_time(raised, site),
         deadline=plus_hours(raised, hours, site),
         part_of=task_identifier(PENDING_RULE, str(o["okey"]), trigger),
