@@ -5,6 +5,7 @@
     safetynet tasks list [--status S] [--owner ID] [--format ndjson|text] [--db URL]
     safetynet quarantine list [--all] | show ID | retry ID [--by NAME]   [--db URL]
     safetynet outbox status [--db URL]
+    safetynet rules list [--rules DIR] [--format text|json]
     safetynet synth OUT [--patients N] [--seed S] [--days D]
 
 Commands that read the service's database take `--db`, else `SAFETYNET_DB`, else the embedded
@@ -32,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from adapters.bootstrap import App, build_replay_app, default_rules_dir
 from adapters.hl7v2.er7 import Hl7ReadError, decode, split_messages
 from adapters.store import SqlStore, open_store
+from engine.catalogue import load_catalogue
 from engine.errors import ConfigurationError
 from engine.ports import StoredTask
 
@@ -332,6 +334,47 @@ def outbox_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def rules_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Every rule: id, version, status, and each parameter's value and where it came from."""
+    try:
+        catalogue = load_catalogue(Path(args.rules))
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    if args.format == "json":
+        for rule in catalogue.rules:
+            out.write(
+                json.dumps(
+                    {
+                        "id": rule.id,
+                        "title": rule.title,
+                        "version": rule.version,
+                        "status": rule.status,
+                        "status_source": rule.status_source,
+                        "parameters": {
+                            p.name: {
+                                "value": p.value,
+                                "default": p.default,
+                                "unit": p.unit,
+                                "source": p.source,
+                                **({"max": p.maximum} if p.maximum is not None else {}),
+                            }
+                            for p in rule.parameters.values()
+                        },
+                    }
+                )
+                + "\n"
+            )
+        return 0
+    for rule in catalogue.rules:
+        out.write(f"{rule.id}  v{rule.version}  {rule.status} ({rule.status_source})\n")
+        out.write(f"  {rule.title}\n")
+        for p in rule.parameters.values():
+            limit = f", hard limit {p.maximum}" if p.maximum is not None else ""
+            source = "site override" if p.source == "site" else "default"
+            out.write(f"  {p.name} = {p.value} {p.unit} ({source}{limit})\n")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (documented in --help)."""
     top = argparse.ArgumentParser(prog="safetynet", description=__doc__.split("\n")[0])
@@ -381,6 +424,12 @@ def parser() -> argparse.ArgumentParser:
     ob.add_argument("action", choices=("status",))
     ob.add_argument("--db", help=db_help)
     ob.set_defaults(func=outbox_status)
+    ru = sub.add_parser("rules", help="the rule catalogue")
+    ru_sub = ru.add_subparsers(dest="action", required=True)
+    rl = ru_sub.add_parser("list", help="every rule with its status and parameters")
+    rl.add_argument("--rules", default=str(default_rules_dir()), help="rules folder")
+    rl.add_argument("--format", choices=("text", "json"), default="text")
+    rl.set_defaults(func=rules_list)
     sp = sub.add_parser("synth", help="write synthetic HL7 v2 traffic")
     sp.add_argument("out", help="output file")
     sp.add_argument("--patients", type=int, default=1000, help="number of visits")

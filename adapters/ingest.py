@@ -280,7 +280,8 @@ class Hl7Ingest:
                 location=exc.location,
                 hl7_code="207",
             )
-            return self._quarantine(uow, failed, received_at, {}, state="failed")
+            self._quarantine(uow, failed, received_at, {}, state="failed")
+            return self._incomplete(uow, failed, events, inbox_id, now)
         except EngineError as exc:
             linked = replace(
                 base,
@@ -289,9 +290,30 @@ class Hl7Ingest:
                 location=exc.location,
                 hl7_code="204",
             )
-            return self._quarantine(uow, linked, received_at, {})
+            self._quarantine(uow, linked, received_at, {})
+            return self._incomplete(uow, linked, events, inbox_id, now)
         uow.set_inbox_state(inbox_id, "processed", "" if events else "no clinical events")
-        return replace(base, tasks=(*fired, *applied.tasks))
+        # Processed at last (e.g. a retry): no longer a gap in its patients' records.
+        resolved = self._processor.mark_complete(uow, inbox_id, applied.patients, now)
+        return replace(base, tasks=(*fired, *applied.tasks, *resolved))
+
+    def _incomplete(
+        self,
+        uow: UnitOfWork,
+        result: IngestResult,
+        events: Sequence[Event],
+        inbox_id: int,
+        now: datetime,
+    ) -> IngestResult:
+        """Mark the patients a refused message names as having an incomplete record. If
+        even that cannot be done (a rule that cannot be evaluated for them), the quarantine
+        item stands alone: it is the human-review item."""
+        try:
+            with uow.savepoint():
+                tasks = self._processor.mark_incomplete(uow, events, inbox_id, now)
+        except EngineError:
+            return result
+        return replace(result, tasks=tuple(tasks))
 
     def process_stored(
         self, uow: UnitOfWork, inbox_id: int, raw: str, received_at: datetime

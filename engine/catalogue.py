@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
@@ -57,6 +57,7 @@ class Site:
     mdm_document_types: frozenset[str]
     directory: Directory = Directory()
     terminology: Terminology = EMPTY_TERMINOLOGY
+    hl7: Mapping[str, Any] = field(default_factory=dict)  # settings.toml [hl7], for the mapper
 
     def place(self, location: str, patient_class: str) -> str:
         """A plain-English place for a PV1-3 location, e.g. "the paediatric emergency
@@ -196,6 +197,7 @@ def _site(
         mdm_document_types=frozenset(imaging.get("mdm_document_types", [])),
         directory=directory,
         terminology=terminology,
+        hl7=dict(settings.get("hl7", {})),
     )
 
 

@@ -39,7 +39,7 @@ class IdentityError(EngineError):
 
 
 class LinkError(EngineError):
-    """A result names no known order and carries no patient to attach it to."""
+    """An order message names no known order and carries no patient to attach it to."""
 
 
 class TaskStateError(EngineError):

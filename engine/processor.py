@@ -117,7 +117,7 @@ class Processor:
                     # person to match it; its order, when it comes, re-homes it.
                     return UNMATCHED_PREFIX + _digest(event.order.tokens()[0])
                 raise LinkError(
-                    "result names no known order (placer/filler numbers) and carries no patient "
+                    "message names no known order (placer/filler numbers) and carries no patient "
                     "identifiers",
                     "PID-3",
                 )
@@ -214,6 +214,61 @@ class Processor:
         for patient_key, current in touched.items():
             tasks.extend(self.evaluate(uow, patient_key, now, list(current.values())))
         return Applied(tuple(touched), tuple(tasks))
+
+    # --- record incomplete (DESIGN.md non-negotiable 3) -----------------------------------
+
+    def mark_incomplete(
+        self, uow: UnitOfWork, events: Sequence[Event], inbox_id: int, now: datetime
+    ) -> list[StoredTask]:
+        """Fail closed: a message the engine refused (quarantined) leaves every patient it
+        names with an incomplete record until it is processed. Each such patient gets an
+        `incomplete:<inbox id>` fact (so a discharge raises a review Task) and is evaluated.
+        A patient heard of here for the first time is created with the message's
+        identifiers: the record that is missing something must exist to say so."""
+        keys: set[str] = set()
+        for event in events:
+            if event.patient is not None and event.patient.identifiers:
+                tokens = [i.token for i in event.patient.identifiers]
+                known = uow.patients_for(tokens)
+                if known:
+                    keys |= set(known.values())
+                else:
+                    key = new_patient_key(event.patient.identifiers)
+                    uow.add_patient_aliases(key, tokens)
+                    keys.add(key)
+            if isinstance(event, _ORDER_EVENTS):
+                found = uow.order_for(event.order.tokens())
+                if found is not None:
+                    keys.add(found[1])
+        tasks: list[StoredTask] = []
+        for key in sorted(keys):
+            uow.put_facts(
+                key,
+                [
+                    Fact(
+                        f"incomplete:{inbox_id}",
+                        "incomplete",
+                        {"kind": "incomplete", "inbox": inbox_id, "at": epoch(now), "resolved": 0},
+                    )
+                ],
+            )
+            tasks.extend(self.evaluate(uow, key, now))
+        return tasks
+
+    def mark_complete(
+        self, uow: UnitOfWork, inbox_id: int, patient_keys: Sequence[str], now: datetime
+    ) -> list[StoredTask]:
+        """A message once refused has now been processed: its patients' records are no
+        longer incomplete on its account (rules may then withdraw their review Tasks)."""
+        tasks: list[StoredTask] = []
+        for key in patient_keys:
+            fact = next((f for f in uow.facts(key) if f.key == f"incomplete:{inbox_id}"), None)
+            if fact is not None and not fact.data.get("resolved"):
+                uow.put_facts(
+                    key, [Fact(fact.key, "incomplete", {**fact.data, "resolved": epoch(now)})]
+                )
+                tasks.extend(self.evaluate(uow, key, now))
+        return tasks
 
     def fire_due(self, uow: UnitOfWork, until: datetime, limit: int = 1000) -> list[StoredTask]:
         """Evaluate every patient whose timer is due by `until`, each at its due time.

@@ -7,9 +7,13 @@ durable_rules' failure modes are silent, so every evaluation is compared with th
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+from engine.catalogue import Catalogue
 from engine.tasks import task_identifier
 
 R1 = "imaging-pending-at-discharge"
@@ -67,3 +71,28 @@ def expected_tasks(
                 "urgent" if urgent else "routine"
             )
     return out
+
+
+def all_expected(
+    memory: Sequence[tuple[str, Mapping[str, Any]]], catalogue: Catalogue
+) -> dict[str, str]:
+    """What every rule of the catalogue decides over this working memory, in plain Python:
+    {Task identifier: priority} for Tasks raised, {identifier: "change:<status>"} for changes
+    to existing Tasks. Each rule group states its rules in tests/oracle_<group>.py."""
+    r1 = catalogue.rule(R1).params
+    out = expected_tasks(memory, r1["max_age_months"], catalogue.site.settle_minutes)
+    out = {k: v for k, v in out.items() if catalogue.rule(k.rsplit("-", 1)[0]).status != "off"}
+    for module in _group_oracles():
+        for identifier, decision in module.expected(memory, catalogue).items():
+            if not decision.startswith("change:"):
+                if catalogue.rule(identifier.rsplit("-", 1)[0]).status == "off":
+                    continue
+            out[identifier] = decision
+    return out
+
+
+def _group_oracles() -> list[ModuleType]:
+    here = Path(__file__).resolve().parent
+    return [
+        importlib.import_module(f"tests.{path.stem}") for path in sorted(here.glob("oracle_*.py"))
+    ]

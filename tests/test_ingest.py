@@ -67,13 +67,34 @@ def test_unreadable_input_is_kept_in_quarantine_with_its_reason(app: App) -> Non
     assert rows(app, "select reason, ack_code from quarantine") == [(result.reason, "AR")]
 
 
-def test_a_result_that_links_to_nothing_is_quarantined_not_guessed(app: App) -> None:
-    orphan = derby(5).replace("ORD-0000001", "ORD-UNKNOWN").replace("ACC-0000001", "ACC-UNKNOWN")
-    orphan = "\r".join(s for s in orphan.split("\r") if not s.startswith(("PID", "PV1")))
+def test_a_result_that_links_to_nothing_is_kept_for_identity_review_then_rehomed(
+    app: App,
+) -> None:
+    """No PID and an unknown order: kept under a placeholder patient (R14 asks a person to
+    match it), and moved to the patient as soon as a message names its order with one."""
+    orphan = "\r".join(s for s in derby(3).split("\r") if not s.startswith(("PID", "PV1")))
     with app.store.begin() as uow:
         result = app.ingest.ingest(uow, orphan, NOW)
+    assert result.ack_code == "AA"
+    assert rows(app, "select state from inbox") == [("processed",)]
+    [(placeholder,)] = rows(app, "select distinct patient_key from facts")
+    assert placeholder.startswith("unmatched-")
+    with app.store.begin() as uow:
+        for n in (1, 2):  # registration, then the order, with the patient
+            assert app.ingest.ingest(uow, derby(n), NOW).ack_code == "AA"
+    keys = {k for (k,) in rows(app, "select distinct patient_key from facts")}
+    assert len(keys) == 1 and placeholder not in keys
+    kinds = {k for (k,) in rows(app, "select key from facts")}
+    assert any(k.startswith("report:") for k in kinds)
+
+
+def test_a_cancellation_that_names_no_known_order_or_patient_is_quarantined(app: App) -> None:
+    order = "\r".join(s for s in derby(2).split("\r") if not s.startswith(("PID", "PV1")))
+    cancel = order.replace("|NW|", "|CA|", 1)
+    with app.store.begin() as uow:
+        result = app.ingest.ingest(uow, cancel, NOW)
     assert result.ack_code == "AE"
-    assert result.reason.startswith("result names no known order")
+    assert result.reason.startswith("message names no known order")
     assert rows(app, "select state from inbox") == [("quarantined",)]
     assert rows(app, "select count(*) from facts") == [(0,)]
 
@@ -150,3 +171,48 @@ def test_a_results_only_feed_still_catches_the_pending_examination(app: App) -> 
         "imaging-pending-at-discharge",
         "report-final-after-discharge",
     }
+
+
+def test_a_refused_message_leaves_its_patients_records_incomplete_until_it_is_processed(
+    app: App,
+) -> None:
+    """Fail closed (DESIGN.md non-negotiable 3): an order whose identifiers name two known
+    patients is held; the child's discharge then raises a review Task for the identity team;
+    once the records are merged and the held message is retried and processed, the open
+    review Task is withdrawn with the reason."""
+    from adapters.store.operations import quarantine_items, retry
+
+    other = derby(1).replace("9990000018^^^NHS^NH~RX1000123^^^RX1^MR", "RX2000456^^^RX1^MR")
+    other = other.replace("DERBY-0001", "OTHER-0001").replace("V0001^", "V0002^")
+    clash = derby(2).replace(
+        "9990000018^^^NHS^NH~RX1000123^^^RX1^MR", "9990000018^^^NHS^NH~RX2000456^^^RX1^MR"
+    )
+    with app.store.begin() as uow:
+        assert app.ingest.ingest(uow, derby(1), NOW).ack_code == "AA"
+        assert app.ingest.ingest(uow, other, NOW).ack_code == "AA"
+        held = app.ingest.ingest(uow, clash, NOW)
+    assert held.ack_code == "AE" and "2 different known patients" in held.reason
+    assert len(rows(app, "select patient_key from facts where key like 'incomplete:%'")) == 2
+    with app.store.begin() as uow:
+        for n in (4, 5):  # discharge home at 14:00; the final report at 16:00 fires timers
+            app.ingest.ingest(uow, derby(n), NOW)
+        [review] = uow.tasks(owner="IDENTITY-POOL")
+    assert (review.rule_id, review.status) == ("record-incomplete-at-discharge", "requested")
+    assert "inbox 3" in review.resource["description"]
+
+    merge = (
+        "MSH|^~\\&|PAS|RX1|SAFETYNET|RX1|20080501170000||ADT^A40^ADT_A39|MERGE-1|P|2.5\r"
+        "EVN|A40|20080501170000\r"
+        "PID|1||9990000018^^^NHS^NH~RX1000123^^^RX1^MR||Testbaby^Alex||20080313|M\r"
+        "MRG|RX2000456^^^RX1^MR"
+    )
+    with app.store.begin() as uow:
+        assert app.ingest.ingest(uow, merge, NOW).ack_code == "AA"
+        [item] = quarantine_items(uow)
+        retry(uow, item.id, NOW, "integration engineer")
+        retried = app.ingest.process_stored(uow, item.inbox_id, clash, NOW)
+        assert retried.ack_code == "AA"
+        withdrawn = uow.get_task(review.identifier)
+    assert withdrawn is not None and withdrawn.status == "cancelled"
+    assert "has now been processed" in withdrawn.resource["statusReason"]["text"]
+    assert rows(app, "select count(*) from facts where key like 'incomplete:%'") == [(1,)]
