@@ -52,8 +52,8 @@ from engine.clock import SimulatedClock
 from engine.errors import ConfigurationError
 from engine.events import (
     AdmissionCancelled,
-    Clinician,
     ClinicalNote,
+    Clinician,
     DischargeCancelled,
     Event,
     ImagingOrdered,

@@ -55,7 +55,7 @@ class Site:
     pool: Clinician
     locations: Mapping[str, str]
     mdm_document_types: frozenset[str]
-    directory: Directory = Directory()
+    directory: Directory = field(default_factory=Directory)
     terminology: Terminology = EMPTY_TERMINOLOGY
     hl7: Mapping[str, Any] = field(default_factory=dict)  # settings.toml [hl7], for the mapper
 
@@ -275,7 +275,9 @@ def load_catalogue(path: Path) -> Catalogue:
     settings = _read_toml(path / "settings.toml")
     directory = Directory()
     if (path / "directory.toml").is_file():
-        directory = parse_directory(_read_toml(path / "directory.toml"), str(path / "directory.toml"))
+        directory = parse_directory(
+            _read_toml(path / "directory.toml"), str(path / "directory.toml")
+        )
     terminology = EMPTY_TERMINOLOGY
     if (path / "terminology.toml").is_file():
         terminology = parse_terminology(

@@ -52,9 +52,9 @@ from engine.events import (
     Visit,
 )
 from engine.identity import preferred_identifier
+from engine.ports import Fact
 from engine.terminology import EMPTY as EMPTY_TERMINOLOGY
 from engine.terminology import Terminology
-from engine.ports import Fact
 
 # `cancelled_at` of an order that was never cancelled: later than any real time, so that
 # "not cancelled by t" is the single comparison `cancelled_at > t` (see engine.definitions).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +52,7 @@ class StatusUpdate:
     reason: str = ""  # statusReason: why (cancelled, rejected)
     note: str = ""  # what was done (completed)
     business_status: str = ""
+    patient: tuple[str, str, bool] | None = None  # a new subject (system, value, is NHS)
 
 
 TaskRestatus = Callable[[Mapping[str, Any], StatusUpdate], Mapping[str, Any]]
@@ -183,7 +184,9 @@ class Processor:
                         patient_key,
                         [merge_fact(prior, uow.facts(prior), uow.facts(patient_key), event)],
                     )
+                    moved = [t for t in uow.tasks(patient_key=prior) if t.status not in CLOSED]
                     uow.merge_patients(prior, patient_key)
+                    self._repoint(uow, moved, patient_key, now)
                     touched.pop(prior, None)
                     uow.audit(
                         now,
@@ -405,6 +408,29 @@ class Processor:
         )
         return stored
 
+    def _repoint(
+        self, uow: UnitOfWork, tasks: Sequence[StoredTask], patient_key: str, now: datetime
+    ) -> None:
+        """Open Tasks moved by a merge now name the surviving patient (the identifier they
+        named before is kept with them, for audit)."""
+        patient = next((f.data for f in uow.facts(patient_key) if f.kind == "patient"), {})
+        if not patient.get("id_value"):
+            return
+        subject = (
+            str(patient.get("id_system", "")),
+            str(patient["id_value"]),
+            bool(patient.get("id_nhs", False)),
+        )
+        for task in tasks:
+            self._restate(
+                uow,
+                replace(task, patient_key=patient_key),
+                StatusUpdate(status=task.status, at=now, by="", patient=subject),
+                actor="engine",
+                now=now,
+                action="task.moved",
+            )
+
     # --- Task status ----------------------------------------------------------------------
 
     def _task_of(self, uow: UnitOfWork, event: TaskStatusChanged) -> tuple[str, StoredTask]:
@@ -490,7 +516,13 @@ class Processor:
         return Fact(fact.key, "task", restated(fact.data, change.status))
 
     def _restate(
-        self, uow: UnitOfWork, stored: StoredTask, update: StatusUpdate, actor: str, now: datetime
+        self,
+        uow: UnitOfWork,
+        stored: StoredTask,
+        update: StatusUpdate,
+        actor: str,
+        now: datetime,
+        action: str = "",
     ) -> None:
         if self._restatus is None:
             raise RuleEvaluationError("this processor was built without a TaskRestatus port")
@@ -507,17 +539,16 @@ class Processor:
                 shadow=stored.shadow,
             ),
             at=now,
-            reason=f"{update.status} by {actor}" + (f": {update.reason}" if update.reason else ""),
+            reason=(
+                f"moved to the surviving patient by {actor}"
+                if update.patient is not None
+                else f"{update.status} by {actor}" + (f": {update.reason}" if update.reason else "")
+            ),
         )
-        uow.audit(
-            now,
-            actor,
-            f"task.{update.status}",
-            stored.identifier,
-            {"from": stored.status, "reason": update.reason[:200]} if update.reason else {
-                "from": stored.status
-            },
-        )
+        detail: dict[str, Any] = {"from": stored.status}
+        if update.reason:
+            detail["reason"] = update.reason[:200]
+        uow.audit(now, actor, action or f"task.{update.status}", stored.identifier, detail)
 
 
 def _digest(text: str) -> str:

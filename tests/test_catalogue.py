@@ -84,4 +84,81 @@ def test_a_rule_switched_off_is_not_evaluated(rules: Path) -> None:
         settings.read_text() + '\n[rules.report-final-after-discharge]\nstatus = "off"\n'
     )
     catalogue = load_catalogue(rules)
-    assert [r.id for r in catalogue.evaluated] == ["imaging-pending-at-discharge"]
+    evaluated = {r.id for r in catalogue.evaluated}
+    assert "report-final-after-discharge" not in evaluated
+    assert evaluated == {r.id for r in catalogue.rules if r.status != "off"}
+    assert "imaging-pending-at-discharge" in evaluated
+
+
+def test_a_hard_limit_cannot_be_exceeded_by_a_site(rules: Path) -> None:
+    card = rules / "imaging-pending-at-discharge" / "rule.toml"
+    card.write_text(
+        card.read_text().replace("[parameters.ack_hours]\n", "[parameters.ack_hours]\nmax = 72\n")
+    )
+    settings = rules / "settings.toml"
+    base = settings.read_text()
+    settings.write_text(base + "\n[rules.imaging-pending-at-discharge]\nack_hours = 72\n")
+    rule = load_catalogue(rules).rule("imaging-pending-at-discharge")
+    assert (rule.parameters["ack_hours"].value, rule.parameters["ack_hours"].maximum) == (72, 72)
+    settings.write_text(base + "\n[rules.imaging-pending-at-discharge]\nack_hours = 96\n")
+    with pytest.raises(ConfigurationError, match="ack_hours = 96 exceeds its hard limit 72"):
+        load_catalogue(rules)
+
+
+def test_the_directory_names_teams_and_roles_and_falls_back_to_the_pool(rules: Path) -> None:
+    site = load_catalogue(rules).site
+    lead = site.directory.team_lead("C1001")
+    assert lead is not None and lead[0].id == "C9001"
+    assert site.directory.team_lead("C9001") is None  # the lead has no lead above them
+    holder, is_pool = site.directory.role("safeguarding-lead", site.pool)
+    assert (holder.id, is_pool) == ("SAFEGUARDING-TEAM", True)
+    directory = rules / "directory.toml"
+    text = directory.read_text()
+    directory.write_text(
+        text.replace(
+            '[roles.on-call-lead]\nid = "C9100"\nname = "Dr C9100 (on-call paediatric lead)"\n', ""
+        )
+    )
+    without = load_catalogue(rules).site
+    # Nobody holds the role: the site's pool owns what would have gone to it.
+    assert without.directory.role("on-call-lead", without.pool) == (without.pool, True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t + '\n[roles.chief-wizard]\nid = "X"\n', "unknown role 'chief-wizard'"),
+        (lambda t: t + '\n[clinicians.C7]\nteam = "nowhere"\n', "names unknown team 'nowhere'"),
+        (lambda t: t + "\n[roles.identity-pool]\nname = 'x'\n", "invalid TOML|needs an id"),
+    ],
+)
+def test_a_wrong_directory_names_the_file_and_the_problem(
+    rules: Path, edit: object, message: str
+) -> None:
+    directory = rules / "directory.toml"
+    assert callable(edit)
+    directory.write_text(edit(directory.read_text()))
+    with pytest.raises(ConfigurationError, match=f"directory.toml.*({message})"):
+        load_catalogue(rules)
+
+
+def test_rules_list_shows_each_rule_its_status_and_where_each_value_came_from(
+    rules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from adapters.cli import main
+
+    settings = rules / "settings.toml"
+    settings.write_text(
+        settings.read_text()
+        + '\n[rules.imaging-pending-at-discharge]\nstatus = "shadow"\nmax_age_months = 12\n'
+    )
+    assert main(["rules", "list", "--rules", str(rules)]) == 0
+    text = capsys.readouterr().out
+    block = text[text.index("imaging-pending-at-discharge  v1.0.0") :]
+    assert block.startswith("imaging-pending-at-discharge  v1.0.0  shadow (site)\n")
+    assert "  max_age_months = 12 months (site override)\n" in block
+    assert "  ack_hours = 24 hours (default)\n" in block
+    catalogue = load_catalogue(rules)
+    assert all(f"{r.id}  v{r.version}  {r.status}" in text for r in catalogue.rules)
+    assert main(["rules", "list", "--rules", str(rules / "nowhere")]) == 2
+    assert "rules folder not found" in capsys.readouterr().err

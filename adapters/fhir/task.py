@@ -118,7 +118,9 @@ def task_resource(task: RecallTask) -> dict[str, Any]:
             "coding": [{"system": BUSINESS_SYSTEM, "code": f"escalation-L{task.level}"}],
             "text": f"Escalation level {task.level}",
         }
-    tags = [code for code, on in (("shadow", task.shadow), ("safeguarding", task.safeguarding)) if on]
+    tags = [
+        code for code, on in (("shadow", task.shadow), ("safeguarding", task.safeguarding)) if on
+    ]
     if tags:
         resource["meta"] = {"tag": [{"system": TAG_SYSTEM, "code": code} for code in tags]}
     return _validated(resource)
@@ -146,7 +148,10 @@ def _service_request(task: RecallTask, patient: Mapping[str, Any]) -> dict[str, 
         "identifier": order_ids,
         "status": "unknown",
         "intent": "order",
-        "subject": patient,
+        # ServiceRequest.subject is 1..1: a result held unmatched (R14) has no patient yet.
+        "subject": patient
+        if task.patient_value
+        else {"display": "Patient not yet identified (result held unmatched)"},
     }
     if focus.code or focus.name:
         coding = {"system": "urn:safetynet:procedure", "code": focus.code or focus.name}
@@ -171,4 +176,26 @@ def task_restatus(resource: Mapping[str, Any], update: StatusUpdate) -> dict[str
         out["note"] = [*resource.get("note", []), note]
     if update.business_status:
         out["businessStatus"] = {"text": update.business_status}
+    if update.patient is not None:
+        system, value, is_nhs = update.patient
+        new = {
+            "type": "Patient",
+            "identifier": {
+                "system": NHS_NUMBER_SYSTEM if is_nhs else authority_system(system),
+                "value": value,
+            },
+        }
+        before = resource.get("for", {}).get("identifier", {})
+        if before and before != new["identifier"]:
+            out["input"] = [
+                *resource.get("input", []),
+                {
+                    "type": {"text": "Patient identifier before the merge"},
+                    "valueString": f"{before.get('system', '')}|{before.get('value', '')}",
+                },
+            ]
+        out["for"] = new
+        for contained in out.get("contained", []):
+            if contained.get("resourceType") == "ServiceRequest":
+                contained["subject"] = new
     return _validated(out)
