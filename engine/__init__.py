@@ -12,9 +12,11 @@ from engine.errors import (
     IdentityError,
     LinkError,
     RuleEvaluationError,
+    TaskStateError,
 )
 from engine.events import (
     AdmissionCancelled,
+    ClinicalNote,
     Clinician,
     DischargeCancelled,
     Event,
@@ -31,18 +33,22 @@ from engine.events import (
     PatientTransferred,
     PatientUpdated,
     ReportIssued,
+    SafeguardingFlagCleared,
+    SafeguardingFlagRaised,
     SourceRef,
+    TaskStatusChanged,
     Visit,
 )
 from engine.identity import is_valid_nhs_number
 from engine.ports import Clock, Fact, InboundMessage, InboxEntry, Store, StoredTask, UnitOfWork
-from engine.processor import Applied, Processor, TaskRenderer
-from engine.tasks import RecallTask, task_identifier
+from engine.processor import Applied, Processor, StatusUpdate, TaskRenderer, TaskRestatus
+from engine.tasks import RecallTask, TaskChange, task_identifier
 
 __all__ = [
     "AdmissionCancelled",
     "Applied",
     "Catalogue",
+    "ClinicalNote",
     "Clinician",
     "Clock",
     "ConfigurationError",
@@ -71,12 +77,19 @@ __all__ = [
     "ReportIssued",
     "Rule",
     "RuleEvaluationError",
+    "SafeguardingFlagCleared",
+    "SafeguardingFlagRaised",
     "SimulatedClock",
     "Site",
     "SourceRef",
+    "StatusUpdate",
     "Store",
     "StoredTask",
+    "TaskChange",
     "TaskRenderer",
+    "TaskRestatus",
+    "TaskStateError",
+    "TaskStatusChanged",
     "UnitOfWork",
     "Visit",
     "WallClock",

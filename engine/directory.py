@@ -73,7 +73,9 @@ def parse_directory(raw: Mapping[str, Any], path: str) -> Directory:
     for ident, spec in raw.get("teams", {}).items():
         if not isinstance(spec, dict):
             raise ConfigurationError(f"{path}: [teams.{ident}] must be a table")
-        teams[str(ident)] = Team(str(ident), str(spec.get("name", ident)), str(spec.get("lead", "")))
+        teams[str(ident)] = Team(
+            str(ident), str(spec.get("name", ident)), str(spec.get("lead", ""))
+        )
     for ident, (_name, team) in clinicians.items():
         if team and team not in teams:
             raise ConfigurationError(f"{path}: clinician {ident} names unknown team {team!r}")

@@ -283,11 +283,18 @@ class Processor:
         if self._next_due is not None and self._next_due > until:
             return []
         tasks: list[StoredTask] = []
-        timers = uow.due_timers(until, limit)
-        for timer in timers:
-            tasks.extend(self.evaluate(uow, timer.patient_key, timer.due_at))
-            uow.mark_fired(timer.id, timer.due_at)
-        if len(timers) < limit:
+        fired = 0
+        # A Task raised on a timer may set timers that are already due (an escalation step
+        # whose time has passed in a replay): fire those too, in due order.
+        while fired < limit:
+            timers = uow.due_timers(until, limit - fired)
+            if not timers:
+                break
+            for timer in timers:
+                tasks.extend(self.evaluate(uow, timer.patient_key, timer.due_at))
+                uow.mark_fired(timer.id, timer.due_at)
+            fired += len(timers)
+        if fired < limit:
             self._next_due = uow.next_due() or _FAR_FUTURE
         return tasks
 
@@ -505,6 +512,8 @@ class Processor:
         stored = uow.get_task(change.identifier)
         if stored is None or stored.status not in NOT_ACCEPTED:
             return None
+        if self.catalogue.rule(change.rule_id).status == "shadow" and not stored.shadow:
+            return None  # a shadow rule records what it would do; it never touches live work
         update = StatusUpdate(status=change.status, at=now, by="", reason=change.reason)
         self._restate(uow, stored, update, actor=f"rule:{change.rule_id}", now=now)
         fact = next(
@@ -565,6 +574,7 @@ def task_fact(task: RecallTask, status: str) -> Fact:
             "kind": "task",
             "id": task.identifier,
             "rule": task.rule_id,
+            "title": task.rule_title,
             "okey": task.subject_key,
             "priority": task.priority,
             "critical": int(task.priority == "stat"),
@@ -573,6 +583,7 @@ def task_fact(task: RecallTask, status: str) -> Fact:
             "closed": int(status in CLOSED),
             "acknowledged": 0,
             "owner": task.owner.id,
+            "owner_name": task.owner.name,
             "raised_at": epoch(task.authored_on),
             "deadline_at": epoch(task.deadline),
             "enc": task.encounter,

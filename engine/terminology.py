@@ -107,7 +107,7 @@ class Terminology:
                         said_all = found.words.split("; ")
                         out[concept.code] = Finding(
                             concept.code,
-                            "; ".join(said_all + [said]) if said not in said_all else found.words,
+                            "; ".join([*said_all, said]) if said not in said_all else found.words,
                             found.region or region,
                             found.patterned or patterned,
                         )
@@ -164,7 +164,9 @@ def _occurrences(words: Sequence[str], phrases: Sequence[Phrase]) -> list[tuple[
 def _covered(words: Sequence[str], phrases: Sequence[Phrase]) -> set[int]:
     """The word positions inside an occurrence of one of `phrases`."""
     return {
-        i for start, phrase in _occurrences(words, phrases) for i in range(start, start + len(phrase))
+        i
+        for start, phrase in _occurrences(words, phrases)
+        for i in range(start, start + len(phrase))
     }
 
 

@@ -45,7 +45,7 @@ def expected_tasks(
             continue
         trigger = f"discharge:{d['enc']}:{d['at']}"
         for o in facts:
-            if o["kind"] != "order" or o["imaging"] != 1 or o["enc"] != d["enc"]:
+            if o["kind"] != "order" or o["imaging"] != 1 or o.get("enc") != d["enc"]:
                 continue
             if o["ordered_at"] > d["at"] or o["cancelled_at"] <= d["at"]:
                 continue
