@@ -54,7 +54,7 @@ def build_replay_app(db_url: str, rules_dir: Path) -> App:
     clock = SimulatedClock()
     store = open_store(db_url, clock=clock)
     processor = Processor(catalogue, task_resource, task_restatus)
-    mapper = Mapper(MappingSettings(catalogue.site.timezone, catalogue.site.mdm_document_types))
+    mapper = Mapper(MappingSettings.for_site(catalogue.site))
 
     def now_for(events: Sequence[Event]) -> datetime:
         for event in events:
@@ -101,7 +101,7 @@ def build_live_parts(settings: LiveSettings) -> LiveParts:
     catalogue = load_catalogue(Path(settings.rules_dir))
     store = open_store(settings.db_url)
     processor = Processor(catalogue, task_resource, task_restatus)
-    mapper = Mapper(MappingSettings(catalogue.site.timezone, catalogue.site.mdm_document_types))
+    mapper = Mapper(MappingSettings.for_site(catalogue.site))
     policy = IngestPolicy(settings.processing_ids, settings.versions, settings.unsupported)
     clock = SimulatedClock()
 

@@ -328,9 +328,12 @@ def project(
     if isinstance(event, ClinicalNote):
         out = [*_patient_fact(current, event.patient)]
         for finding in site.terminology.find(event.text):
+            key = f"finding:{event.note}:{finding.concept}"
+            # A note sent again (an edit) keeps the time its finding was first recorded.
+            first = current[key].data["at"] if key in current else epoch(event.occurred_at)
             out.append(
                 Fact(
-                    f"finding:{event.note}:{finding.concept}",
+                    key,
                     "finding",
                     {
                         "kind": "finding",
@@ -338,7 +341,7 @@ def project(
                         "words": finding.words,
                         "region": finding.region,
                         "patterned": int(finding.patterned),
-                        "at": epoch(event.occurred_at),
+                        "at": first,
                         "source": event.source_kind,
                         "enc": event.encounter,
                         "note": event.note,

@@ -26,8 +26,8 @@ EXPECTED = {
     "dcm4che/dcm4che_adt_a08_v251_veterinary.hl7": ["AA: PatientUpdated"],
     "dcm4che/dcm4che_adt_a40_v251_merge.hl7": ["AA: PatientsMerged"],
     "dcm4che/dcm4che_omg_o19_v251_eyecare.hl7": ["AR: message type OMG^O19 is not supported"],
-    "dcm4che/dcm4che_omi_o23_v251_imaging_order.hl7": ["AA: ImagingOrdered"],
-    "dcm4che/dcm4che_orm_o01_v231_zds.hl7": ["AA: ImagingOrdered"],
+    "dcm4che/dcm4che_omi_o23_v251_imaging_order.hl7": ["AA: ImagingOrdered ClinicalNote"],
+    "dcm4che/dcm4che_orm_o01_v231_zds.hl7": ["AA: ImagingOrdered ClinicalNote"],
     # a bare CR inside the base64 PDF splits a segment
     "dcm4che/dcm4che_oru_r01_v251_pdf_report_ed.hl7": [
         "AE: segment 10 name 'A0K' is followed by 'J', not the field separator '|'"
