@@ -407,9 +407,11 @@ def _compare(expected: Sequence[Expectation], tasks: Sequence[StoredTask]) -> li
     problems: list[str] = []
     unmatched = list(tasks)
     for exp in expected:
-        found = next(
-            (t for t in unmatched if t.rule_id == exp.rule and _order_of(t) == exp.order), None
-        )
+        # Of several Tasks of one rule for one order (e.g. one for the clinician and one for
+        # the safeguarding lead), prefer the one with the expected owner.
+        candidates = [t for t in unmatched if t.rule_id == exp.rule and _order_of(t) == exp.order]
+        candidates.sort(key=lambda t: exp.owner is not None and t.owner != exp.owner)
+        found = candidates[0] if candidates else None
         about = f" for order {exp.order}" if exp.order else ""
         if found is None:
             what = f"{_a(exp.priority + ' Task') if exp.priority else 'a Task'} from {exp.rule}"

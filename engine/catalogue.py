@@ -77,7 +77,8 @@ class RuleModule(Protocol):
         ...
 
     def recall_task(self, match: Any) -> Any:
-        """The Task one match raises (an `engine.tasks.RecallTask`), or None."""
+        """What one match decides: a Task (`engine.tasks.RecallTask`), a change to an
+        existing Task (`engine.tasks.TaskChange`), a list of these, or None."""
         ...
 
     def wake_times(

@@ -345,6 +345,7 @@ def project(
                         "source": event.source_kind,
                         "enc": event.encounter,
                         "note": event.note,
+                        "terminology": site.terminology.version,
                     },
                 )
             )

@@ -322,7 +322,7 @@ class Processor:
         for match in self._core.evaluate(memory):
             rule = self._rules[match.rule]
             try:
-                task = rule.module.recall_task(
+                result = rule.module.recall_task(
                     RuleMatch(
                         match.rule.split("/", 1)[1],
                         {alias: index[src] for alias, src in match.facts.items()},
@@ -333,14 +333,19 @@ class Processor:
                 )
             except Exception as exc:
                 raise RuleEvaluationError(f"{rule.id}: building the Task failed: {exc!r}") from exc
-            if task is None:
-                continue
-            if isinstance(task, TaskChange):
-                changes.setdefault(task.identifier, task)
-                continue
-            seen = decided.get(task.identifier)
-            if seen is None or PRIORITIES.index(task.priority) > PRIORITIES.index(seen.priority):
-                decided[task.identifier] = task
+            # One decision, none, or several (a Task for the clinician and one for the
+            # safeguarding lead).
+            for task in result if isinstance(result, list | tuple) else (result,):
+                if task is None:
+                    continue
+                if isinstance(task, TaskChange):
+                    changes.setdefault(task.identifier, task)
+                    continue
+                seen = decided.get(task.identifier)
+                if seen is None or PRIORITIES.index(task.priority) > PRIORITIES.index(
+                    seen.priority
+                ):
+                    decided[task.identifier] = task
         return [*decided.values(), *changes.values()]
 
     def evaluate(

@@ -153,6 +153,31 @@ def _operators(node: Any) -> set[str]:
     return found
 
 
+def _flatten(node: Any) -> Any:
+    """Conjunctions inside conjunctions lifted into their parent. Measured here
+    (tests/test_rulecore.py), durable_rules 2.0.28 ignores a comparison with another fact
+    placed after a nested `$and`: `a & (b & c) & (m.at >= c.d.at)` matches when the last
+    test fails. Flat conjunctions are evaluated correctly, and mean the same."""
+    if isinstance(node, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == "$and":
+                terms: list[Any] = []
+                for term in value:
+                    flat = _flatten(term)
+                    if isinstance(flat, Mapping) and set(flat) == {"$and"}:
+                        terms.extend(flat["$and"])
+                    else:
+                        terms.append(flat)
+                out[key] = terms
+            else:
+                out[key] = _flatten(value)
+        return out
+    if isinstance(node, list):
+        return [_flatten(item) for item in node]
+    return node
+
+
 def _subtract_unless(matches: Sequence[Match]) -> list[Match]:
     """The matches of plain variants, less those cancelled by an `!unless` variant's match
     that binds the same facts to every alias the two share."""
@@ -219,7 +244,7 @@ class RuleCore:
                 raise RuleEvaluationError(
                     f"{name!r} cancels matches of {base!r}, which is not defined"
                 )
-            rule = {k: v for k, v in definition.items() if k != "run"}
+            rule = {k: _flatten(v) for k, v in definition.items() if k != "run"}
             rule["run"] = self._action(name)
             rules[name] = rule
         # Each plain rule's constant tests per alias (`kind == "discharge"`, `age_months < 24`):

@@ -261,9 +261,11 @@ def role_owner(site: Site, role: str) -> tuple[Clinician, bool]:
 
 
 def consultant_in_charge(site: Site, clinician_id: str) -> tuple[Clinician, bool]:
-    """The consultant in charge of this clinician's team; failing that, whoever holds the
-    consultant-in-charge role; failing that, the pool."""
+    """The consultant in charge of this clinician's team (themself, if they lead it);
+    failing that, whoever holds the consultant-in-charge role; failing that, the pool."""
     lead = site.directory.team_lead(clinician_id)
     if lead is not None:
         return lead[0], False
+    if clinician_id and any(t.lead == clinician_id for t in site.directory.teams.values()):
+        return site.directory.person(clinician_id), False  # they lead their own team
     return role_owner(site, "consultant-in-charge")

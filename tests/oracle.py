@@ -84,9 +84,9 @@ def all_expected(
     out = {k: v for k, v in out.items() if catalogue.rule(k.rsplit("-", 1)[0]).status != "off"}
     for module in _group_oracles():
         for identifier, decision in module.expected(memory, catalogue).items():
-            if not decision.startswith("change:"):
-                if catalogue.rule(identifier.rsplit("-", 1)[0]).status == "off":
-                    continue
+            raised = not decision.startswith("change:")
+            if raised and catalogue.rule(identifier.rsplit("-", 1)[0]).status == "off":
+                continue
             out[identifier] = decision
     return out
 

@@ -470,3 +470,17 @@ def test_the_alpha_short_cut_skips_only_rules_that_cannot_match() -> None:
     # uncertain cases go to the engine: a missing property under != and text against a number
     assert rulecore._could_match(filters, [{**infant, "age_months": "3"}, order])
     assert rulecore._could_match(filters, [{k: v for k, v in infant.items()}, order])
+
+
+def test_a_comparison_after_a_nested_conjunction_is_evaluated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Measured: durable_rules 2.0.28 ignores a comparison with another fact placed after a
+    nested `$and` (`a & (b & c) & (m.at >= c.d.at - x)` matches when the last test fails).
+    The rule core flattens conjunctions before the engine sees them."""
+    facts = [("d", {"kind": "d", "at": 1000}), ("f", {"kind": "f", "at": 100, "x": 1, "y": 1})]
+    nested = (m.kind == "f") & ((m.x == 1) & (m.y == 1)) & (m.at >= c.d.at - 500)
+    definition = when_all(c.d << (m.kind == "d"), c.f << nested).define()
+    assert RuleCore({"x": definition}).evaluate(facts) == []  # 100 >= 500 does not hold
+    monkeypatch.setattr(rulecore, "_flatten", lambda node: node)
+    assert RuleCore({"x": definition}).evaluate(facts) != []  # the engine's own answer
