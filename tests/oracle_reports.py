@@ -57,7 +57,7 @@ def _went_home(facts: Sequence[Fact], now: int, max_age_months: int, settle: int
 def _pending(facts: Sequence[Fact], d: Fact) -> Iterator[tuple[Fact, list[Fact]]]:
     """Imaging orders of the visit pending at discharge `d`, with their reports."""
     for o in facts:
-        if o["kind"] != "order" or o["imaging"] != 1 or o["enc"] != d["enc"]:
+        if o["kind"] != "order" or o["imaging"] != 1 or o.get("enc") != d["enc"]:
             continue
         if o["ordered_at"] > d["at"] or o["cancelled_at"] <= d["at"]:
             continue

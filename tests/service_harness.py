@@ -196,3 +196,36 @@ def msa(ack: bytes) -> tuple[str, str]:
             fields = segment.split(segment[3])
             return fields[1], fields[2] if len(fields) > 2 else ""
     raise AssertionError(f"no MSA in {ack!r}")
+
+
+# Rules whose Tasks depend on the processing clock passing a moment no message marks (an
+# overdue report, a review window, an escalation step, a grace time). The live worker moves
+# its clock to the wall clock whenever the inbox is drained, by design: sent old traffic
+# with gaps, it then judges those moments as passed, where a replay of the same traffic
+# judges them by the next message's time. Tests comparing live processing with a replay
+# switch these off; their timing is covered by their cases and tests/test_rules_*.py.
+CLOCK_DRIVEN_RULES = (
+    "final-report-overdue",
+    "follow-up-skeletal-survey-due",
+    "bruise-in-non-mobile-infant",
+    "task-not-accepted",
+    "result-identity-unresolved",
+)
+
+
+def message_time_rules(target: Path, settle_minutes: int | None = None) -> Path:
+    """A copy of the bundled rules at `target` with CLOCK_DRIVEN_RULES switched off (and,
+    optionally, another discharge settle time), for live-versus-replay comparisons."""
+    import shutil
+
+    from adapters.bootstrap import default_rules_dir
+
+    shutil.copytree(default_rules_dir(), target)
+    settings = target / "settings.toml"
+    text = settings.read_text()
+    if settle_minutes is not None:
+        assert "settle_minutes = 15" in text
+        text = text.replace("settle_minutes = 15", f"settle_minutes = {settle_minutes}")
+    text += "".join(f'\n[rules.{rule}]\nstatus = "off"\n' for rule in CLOCK_DRIVEN_RULES)
+    settings.write_text(text)
+    return target

@@ -109,6 +109,7 @@ def test_a_result_without_patient_group_links_through_its_order(app: App) -> Non
     assert {t.rule_id for t in result.tasks} == {
         "imaging-pending-at-discharge",
         "report-final-after-discharge",
+        "discrepancy-after-discharge",  # normal preliminary, abnormal final: the Derby case
     }
 
 

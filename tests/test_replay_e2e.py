@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DERBY = ROOT / "tests" / "fixtures" / "hl7v2" / "derby"
 R1 = "imaging-pending-at-discharge"
 R2 = "report-final-after-discharge"
+R3 = "discrepancy-after-discharge"
 
 
 def replay(*args: str) -> subprocess.CompletedProcess[str]:
@@ -35,7 +36,7 @@ def tasks_of(stdout: str) -> dict[str, dict]:
     return latest
 
 
-def test_derby_scenario_gives_exactly_two_tasks_and_replaying_again_changes_nothing(
+def test_derby_scenario_gives_exactly_three_tasks_and_replaying_again_changes_nothing(
     database_url: str,
 ) -> None:
     db = database_url  # a SQLite file, and a fresh PostgreSQL database
@@ -43,9 +44,9 @@ def test_derby_scenario_gives_exactly_two_tasks_and_replaying_again_changes_noth
     assert first.returncode == 0, first.stderr
     assert first.stderr == ""
     tasks = tasks_of(first.stdout)
-    assert len(tasks) == 2
+    assert len(tasks) == 3
     by_rule = {t["code"]["coding"][0]["code"]: t for t in tasks.values()}
-    pending, review = by_rule[R1], by_rule[R2]
+    pending, review, discrepancy = by_rule[R1], by_rule[R2], by_rule[R3]
 
     for task in (pending, review):
         assert task["status"] == "requested"
@@ -77,6 +78,12 @@ def test_derby_scenario_gives_exactly_two_tasks_and_replaying_again_changes_noth
         "The final report is abnormal; the preliminary report was normal."
         in (review["description"])
     )
+    # What the preliminary read missed: the consultant in charge of the attending's team
+    # (rules/directory.toml) is asked to consider recall; part of the review Task.
+    assert discrepancy["priority"] == "urgent"
+    assert discrepancy["owner"]["identifier"]["value"] == "C9001"
+    assert discrepancy["partOf"][0]["identifier"]["value"] == review["identifier"][0]["value"]
+    assert "whether to recall the child" in discrepancy["description"]
 
     again = replay(str(DERBY), "--db", db)
     assert again.returncode == 0, again.stderr
@@ -84,7 +91,7 @@ def test_derby_scenario_gives_exactly_two_tasks_and_replaying_again_changes_noth
 
     text = replay(str(DERBY), "--format", "text")
     assert text.returncode == 0
-    assert text.stdout.startswith("2 task(s)")
+    assert text.stdout.startswith("3 task(s)")
     assert "Dr Ada Testdoctor" in text.stdout
 
 

@@ -29,6 +29,7 @@ from tests.service_harness import (
     ROOT,
     START_BYTE,
     ServeProcess,
+    message_time_rules,
     mllp_exchange,
     msa,
     read_frame,
@@ -44,9 +45,26 @@ def _derby_messages() -> list[str]:
     return [p.read_bytes().decode().strip() for p in files]
 
 
-def _replay_identifiers(tmp_path: Path) -> set[str]:
+@pytest.fixture(scope="module")
+def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled rules with the clock-driven ones off (tests.service_harness): the live
+    service is compared with a replay of the same 2008 messages in 2026."""
+    return message_time_rules(tmp_path_factory.mktemp("rules") / "rules")
+
+
+def _replay_identifiers(rules_dir: Path) -> set[str]:
     out = subprocess.run(
-        [sys.executable, "-m", "adapters.cli", "replay", str(DERBY), "--format", "ndjson"],
+        [
+            sys.executable,
+            "-m",
+            "adapters.cli",
+            "replay",
+            str(DERBY),
+            "--rules",
+            str(rules_dir),
+            "--format",
+            "ndjson",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -81,6 +99,7 @@ def test_derby_scenario_through_mllp_send(
     database_url: str,
     destination: FhirTestServer,
     capsys: pytest.CaptureFixture[str],
+    rules_dir: Path,
 ) -> None:
     scenario = tmp_path / "derby.hl7"
     # mllp_send --loose reads messages written one segment per line.
@@ -88,7 +107,9 @@ def test_derby_scenario_through_mllp_send(
     outbox = (
         f"fhir=http://127.0.0.1:{destination.port},webhook=http://127.0.0.1:{destination.port}/hook"
     )
-    with ServeProcess(database_url, tmp_path / "serve.log", "--outbox", outbox) as serve:
+    with ServeProcess(
+        database_url, tmp_path / "serve.log", "--outbox", outbox, "--rules", str(rules_dir)
+    ) as serve:
         sent = subprocess.run(
             [
                 str(MLLP_SEND),
@@ -107,9 +128,9 @@ def test_derby_scenario_through_mllp_send(
         assert len(acks) == len(_derby_messages())
         assert [msa(a.strip(b"\x0b\r\n"))[0] for a in acks] == ["AA"] * len(acks)
 
-        expected = _replay_identifiers(tmp_path)
-        assert len(expected) == 2
-        _wait_for(lambda: len(_tasks(database_url, capsys)) == 2)
+        expected = _replay_identifiers(rules_dir)
+        assert len(expected) == 3  # pending imaging, the final report, the discrepancy
+        _wait_for(lambda: len(_tasks(database_url, capsys)) == len(expected))
         listed = {t["identifier"][0]["value"] for t in _tasks(database_url, capsys)}  # type: ignore[index]
         assert listed == expected
         owner = _tasks(database_url, capsys)[0]["owner"]["identifier"]  # type: ignore[index]
@@ -123,8 +144,8 @@ def test_derby_scenario_through_mllp_send(
         capsys.readouterr()
         assert cli_main(["outbox", "status", "--db", database_url]) == 0
         status = capsys.readouterr().out
-        assert "fhir: 2 delivered, 0 pending" in status
-        assert "webhook: 2 delivered, 0 pending" in status
+        assert "fhir: 3 delivered, 0 pending" in status
+        assert "webhook: 3 delivered, 0 pending" in status
 
         metrics = serve.metrics()
         assert 'safetynet_messages_answered_total{code="AA"' in metrics
@@ -244,12 +265,17 @@ def test_an_orphan_cancellation_is_quarantined_then_retried_once_its_order_arriv
 
 
 def test_outbox_destination_down_for_a_while_then_back(
-    tmp_path: Path, destination: FhirTestServer, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    destination: FhirTestServer,
+    capsys: pytest.CaptureFixture[str],
+    rules_dir: Path,
 ) -> None:
     db = f"sqlite:///{tmp_path / 'sn.db'}"
     destination.stop()  # nothing listening at all: connection refused
     outbox = f"fhir={destination.base_url},webhook={destination.hook_url}"
-    with ServeProcess(db, tmp_path / "serve.log", "--outbox", outbox) as serve:
+    with ServeProcess(
+        db, tmp_path / "serve.log", "--outbox", outbox, "--rules", str(rules_dir)
+    ) as serve:
         acks = mllp_exchange(serve.mllp_port, _derby_messages())
         assert {msa(a)[0] for a in acks} == {"AA"}
 
@@ -259,15 +285,15 @@ def test_outbox_destination_down_for_a_while_then_back(
             return capsys.readouterr().out
 
         # An unreachable destination is probed one change at a time, not flooded.
-        _wait_for(lambda: "fhir: 0 delivered, 2 pending (1 failing)" in status())
+        _wait_for(lambda: "fhir: 0 delivered, 3 pending (1 failing)" in status())
         assert "last error: connection failed" in status()
         destination.start()
         destination.mode = "down"  # up, but answering 503 with Retry-After
         time.sleep(1.5)
         assert destination.tasks() == []
         destination.mode = "up"
-        _wait_for(lambda: "fhir: 2 delivered, 0 pending" in status(), timeout=40)
-        _wait_for(lambda: "webhook: 2 delivered, 0 pending" in status(), timeout=40)
+        _wait_for(lambda: "fhir: 3 delivered, 0 pending" in status(), timeout=40)
+        _wait_for(lambda: "webhook: 3 delivered, 0 pending" in status(), timeout=40)
     held = destination.tasks_by_identifier("urn:safetynet:task")
-    assert len(held) == 2 and all(len(tasks) == 1 for tasks in held.values()), "none twice"
+    assert len(held) == 3 and all(len(tasks) == 1 for tasks in held.values()), "none twice"
     assert sorted(h["task_identifier"] for h in destination.webhooks()) == sorted(held)

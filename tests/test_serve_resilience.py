@@ -25,25 +25,28 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from adapters.bootstrap import build_replay_app, default_rules_dir
+from adapters.bootstrap import build_replay_app
 from adapters.hl7v2.er7 import read_message
 from adapters.synth import SynthConfig, synth_messages
 from tests.conftest import new_pg_database
-from tests.service_harness import END_BYTES, START_BYTE, ServeProcess, msa, read_frame
+from tests.service_harness import (
+    END_BYTES,
+    START_BYTE,
+    ServeProcess,
+    message_time_rules,
+    msa,
+    read_frame,
+)
 
 CONNECTIONS = 4
 
 
 @pytest.fixture(scope="module")
 def rules_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled rules with the discharge settle time set to zero."""
-    target = tmp_path_factory.mktemp("rules") / "rules"
-    shutil.copytree(default_rules_dir(), target)
-    settings = target / "settings.toml"
-    text_ = settings.read_text()
-    assert "settle_minutes = 15" in text_
-    settings.write_text(text_.replace("settle_minutes = 15", "settle_minutes = 0"))
-    return target
+    """The bundled rules with the discharge settle time set to zero and the clock-driven
+    rules off (tests.service_harness.CLOCK_DRIVEN_RULES): the Tasks must not depend on when
+    the worker happened to find the inbox empty."""
+    return message_time_rules(tmp_path_factory.mktemp("rules") / "rules", settle_minutes=0)
 
 
 def _messages(count: int, seed: int = 3) -> list[str]:
