@@ -377,7 +377,7 @@ def run_case(case: Case, catalogue: Catalogue) -> CaseResult:
                 now = clock.advance(event.occurred_at)
                 tasks.extend(processor.fire_due(uow, now))
                 if isinstance(event, HeldMessage):
-                    tasks.extend(_held(processor, uow, event, now))
+                    tasks.extend(held_message(processor, uow, event, now))
                     continue
                 tasks.extend(processor.apply(uow, [event], now).tasks)
             if case.until is not None:
@@ -393,9 +393,11 @@ def run_case(case: Case, catalogue: Catalogue) -> CaseResult:
     return CaseResult(case, tuple(tasks), tuple(_compare(case.expect, tasks)))
 
 
-def _held(
+def held_message(
     processor: Processor, uow: UnitOfWork, event: HeldMessage, now: datetime
 ) -> list[StoredTask]:
+    """Apply a HeldMessage as ingest would: mark the patient's record incomplete, or
+    complete again."""
     if event.held:
         return processor.mark_incomplete(uow, [event], event.inbox, now)
     assert event.patient is not None

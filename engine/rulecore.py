@@ -22,6 +22,12 @@ through what it should block. A rule states a negation as a variant named `<name
 whose matches cancel those of `<name>` that agree with them on every alias both share; the
 subtraction happens here, in plain Python, after the engine has fired.
 
+Conjunctions are flattened before the engine sees them: measured here, a comparison with
+another fact placed after a nested `$and` is ignored. And arithmetic on a reference
+(`c.o.at - 5`) changes that reference object in place: never keep a reference in a variable
+and use it in two comparisons; write `c.o.at` afresh each time (measured: `t = c.o.at`, then
+`(m.at < t) & (m.at >= t - 5)` serialises as two `$sub` tests).
+
 Rules are written with durable_rules' own language, re-exported here (`m`, `c`, `when_all`,
 `when_any`), so rule folders never import durable_rules themselves.
 """
