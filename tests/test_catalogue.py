@@ -162,3 +162,19 @@ def test_rules_list_shows_each_rule_its_status_and_where_each_value_came_from(
     assert all(f"{r.id}  v{r.version}  {r.status}" in text for r in catalogue.rules)
     assert main(["rules", "list", "--rules", str(rules / "nowhere")]) == 2
     assert "rules folder not found" in capsys.readouterr().err
+
+
+def test_the_readme_rules_table_is_in_step_with_the_catalogue() -> None:
+    readme = (RULES.parent / "README.md").read_text()
+    catalogue = load_catalogue(RULES)
+    rows = {
+        line.split("|")[2].strip(" `"): line
+        for line in readme.splitlines()
+        if line.startswith("| ") and line.count("|") == 6 and "`" in line.split("|")[2]
+    }
+    assert set(rows) == {r.id for r in catalogue.rules}
+    for rule in catalogue.rules:
+        row = rows[rule.id]
+        assert f"| {rule.version} | {rule.status} |" in row, rule.id
+        for p in rule.parameters.values():
+            assert f"`{p.name}` {p.default}" in row, f"{rule.id}: {p.name}"
