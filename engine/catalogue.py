@@ -16,6 +16,7 @@ import importlib.util
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
@@ -106,9 +107,9 @@ class Rule:
     safeguarding: bool = False  # safeguarding Tasks: never withdrawn; escalate to L3
     escalates: bool = True  # escalated when not accepted in time (R11)
 
-    @property
+    @cached_property
     def params(self) -> dict[str, Any]:
-        """Parameter values by name."""
+        """Parameter values by name (computed once: a rule is immutable)."""
         return {name: p.value for name, p in self.parameters.items()}
 
     @property

@@ -138,10 +138,51 @@ def _passes(fact: Mapping[str, Any], tests: Sequence[Test]) -> bool:
     return True
 
 
-def _could_match(filters: Sequence[Sequence[Test]], facts: Sequence[Mapping[str, Any]]) -> bool:
-    """False only when some alias of the rule has no fact passing its constant tests: then
-    the rule cannot match, whatever its joins (the engine's alpha network, in Python)."""
-    return all(any(_passes(fact, tests) for fact in facts) for tests in filters)
+class _AlphaFilter:
+    """Whether any rule could match a fact set: each rule could only when every one of its
+    aliases has a fact passing that alias's constant tests (the engine's alpha network, in
+    Python). Rules are grouped by the fact kinds they need, so a patient without, say, a
+    Task or a flag skips every rule about those at once; identical alias tests are shared
+    between rules, tried once per fact set and only against facts of the kind they test."""
+
+    def __init__(self, rules: Sequence[Sequence[Sequence[Test]]]) -> None:
+        unique: dict[tuple[Test, ...], int] = {}
+        indexed = [
+            tuple(unique.setdefault(tuple(tests), len(unique)) for tests in aliases)
+            for aliases in rules
+        ]
+        self._tests = list(unique)
+        self._kinds = [
+            next((v for op, prop, v in tests if op == "$eq" and prop == "kind"), None)
+            for tests in self._tests
+        ]
+        groups: dict[frozenset[Any], list[tuple[int, ...]]] = {}
+        for aliases in indexed:
+            needs = frozenset(self._kinds[i] for i in aliases) - {None}
+            groups.setdefault(needs, []).append(aliases)
+        self._groups = list(groups.items())
+
+    def could_match(self, facts: Sequence[Mapping[str, Any]]) -> bool:
+        """False only when no rule can match, whatever its joins."""
+        by_kind: dict[Any, list[Mapping[str, Any]]] = {}
+        for fact in facts:
+            by_kind.setdefault(fact.get("kind"), []).append(fact)
+        present = by_kind.keys()
+        known: dict[int, bool] = {}
+
+        def passes(i: int) -> bool:
+            if i not in known:
+                kind = self._kinds[i]
+                candidates = facts if kind is None else by_kind.get(kind, ())
+                known[i] = any(_passes(fact, self._tests[i]) for fact in candidates)
+            return known[i]
+
+        return any(
+            all(passes(i) for i in aliases)
+            for needs, rules in self._groups
+            if needs <= present
+            for aliases in rules
+        )
 
 
 def _operators(node: Any) -> set[str]:
@@ -256,7 +297,9 @@ class RuleCore:
         # Each plain rule's constant tests per alias (`kind == "discharge"`, `age_months < 24`):
         # when some alias has no fact passing them the rule cannot match, and when no rule can,
         # the engine need not be asked (a pure short cut; the differential tests cover it).
-        self._filters = [_alpha_filter(d) for name, d in definitions.items() if UNLESS not in name]
+        self._filter = _AlphaFilter(
+            [_alpha_filter(d) for name, d in definitions.items() if UNLESS not in name]
+        )
         rules["keep_"] = {
             "all": [{"m": {"keep_": 1}}, {"n": {"never_": 1}}],
             "run": lambda _c: None,
@@ -304,7 +347,7 @@ class RuleCore:
                 f"working-memory bound: {len(facts)} facts exceed {self._max_facts}"
             )
         plain = [fact for _, fact in facts]
-        if not any(_could_match(filters, plain) for filters in self._filters):
+        if not self._filter.could_match(plain):
             return []  # no rule can match: nothing to ask the engine (and nothing at risk)
         self._evaluations += 1
         sid = f"e{self._evaluations}"

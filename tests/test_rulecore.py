@@ -460,16 +460,24 @@ def test_the_alpha_short_cut_skips_only_rules_that_cannot_match() -> None:
         c.d << ((m.kind == "discharge") & (m.age_months < 24) & (m.code != "X")),
         c.o << ((m.kind == "order") & (m.enc == c.d.enc)),
     ).define()
-    filters = rulecore._alpha_filter(definition)
+    alpha = rulecore._AlphaFilter([rulecore._alpha_filter(definition)])
     order = {"kind": "order", "enc": "V"}
     infant = {"kind": "discharge", "age_months": 3, "enc": "V"}
     adult = {"kind": "discharge", "age_months": 400, "enc": "V"}
-    assert rulecore._could_match(filters, [infant, order])
-    assert not rulecore._could_match(filters, [adult, order])  # certain: too old
-    assert not rulecore._could_match(filters, [infant])  # no order at all
+    assert alpha.could_match([infant, order])
+    assert not alpha.could_match([adult, order])  # certain: too old
+    assert not alpha.could_match([infant])  # no order at all
     # uncertain cases go to the engine: a missing property under != and text against a number
-    assert rulecore._could_match(filters, [{**infant, "age_months": "3"}, order])
-    assert rulecore._could_match(filters, [{k: v for k, v in infant.items()}, order])
+    assert alpha.could_match([{**infant, "age_months": "3"}, order])
+    assert alpha.could_match([{k: v for k, v in infant.items()}, order])
+    # several rules: any one that could match is enough; an alias with no kind test is tried
+    # against every fact
+    other = when_all(c.x << (m.flag == 1)).define()
+    both = rulecore._AlphaFilter(
+        [rulecore._alpha_filter(definition), rulecore._alpha_filter(other)]
+    )
+    assert not both.could_match([adult, order])
+    assert both.could_match([adult, {"kind": "order", "flag": 1}])
 
 
 def test_a_comparison_after_a_nested_conjunction_is_evaluated(
