@@ -225,6 +225,43 @@ def _flatten(node: Any) -> Any:
     return node
 
 
+RESERVED = frozenset({"id", "sid", "src_id", "keep_"})  # the rule core's own properties
+
+
+def _reserved_uses(definition: Mapping[str, Any]) -> set[str]:
+    """Properties a definition tests or refers to that the rule core overwrites in every
+    fact it hands the engine (a test on them would silently compare the wrong values)."""
+    found: set[str] = set()
+
+    def operand(value: Any) -> None:
+        if isinstance(value, Mapping):
+            if len(value) == 1 and not str(next(iter(value))).startswith("$"):
+                found.update(p for p in value.values() if p in RESERVED)  # {alias: property}
+            else:
+                for inner in value.values():  # arithmetic: {"$add": {"$l": ..., "$r": ...}}
+                    operand(inner)
+
+    def expression(node: Mapping[str, Any]) -> None:
+        for key, value in node.items():
+            if key in ("$and", "$or"):
+                for term in value:
+                    expression(term)
+            elif key.startswith("$"):  # a comparison: {"$lt": {property: operand}}
+                for prop, inner in value.items():
+                    found.update({prop} & RESERVED)
+                    operand(inner)
+            else:  # equality: {property: operand}
+                found.update({key} & RESERVED)
+                operand(value)
+
+    for group in ("all", "any"):
+        for pattern in definition.get(group, []):
+            for expr in pattern.values():
+                if isinstance(expr, Mapping):
+                    expression(expr)
+    return found
+
+
 def _subtract_unless(matches: Sequence[Match]) -> list[Match]:
     """The matches of plain variants, less those cancelled by an `!unless` variant's match
     that binds the same facts to every alias the two share."""
@@ -285,6 +322,12 @@ class RuleCore:
                 raise RuleEvaluationError(
                     f"rule {name!r} uses {sorted(forbidden)}, which durable_rules 2.0.28 "
                     "evaluates wrongly: use flags on facts and '!unless' variants"
+                )
+            reserved = _reserved_uses(definition)
+            if reserved:
+                raise RuleEvaluationError(
+                    f"rule {name!r} tests {sorted(reserved)}, which the rule core sets on every "
+                    "fact for the engine: compare another property"
                 )
             base = name.split(UNLESS, 1)[0]
             if base != name and base not in definitions:

@@ -492,3 +492,16 @@ def test_a_comparison_after_a_nested_conjunction_is_evaluated(
     assert RuleCore({"x": definition}).evaluate(facts) == []  # 100 >= 500 does not hold
     monkeypatch.setattr(rulecore, "_flatten", lambda node: node)
     assert RuleCore({"x": definition}).evaluate(facts) != []  # the engine's own answer
+
+
+def test_a_rule_testing_a_property_the_core_overwrites_is_refused() -> None:
+    """Every fact reaches the engine with the core's own `id` (and `sid`, `src_id`): a join
+    on a Task fact's `id` would silently compare engine ids, so it is refused."""
+    joins = when_all(c.t << (m.kind == "task"), c.e << (m.parent == c.t.id)).define()
+    with pytest.raises(RuleEvaluationError, match=r"tests \['id'\]"):
+        RuleCore({"x": joins})
+    own = when_all(c.t << ((m.kind == "task") & (m.id == "T1"))).define()
+    with pytest.raises(RuleEvaluationError, match="compare another property"):
+        RuleCore({"x": own})
+    fine = when_all(c.t << (m.kind == "id")).define()  # a constant that happens to read "id"
+    assert RuleCore({"x": fine}).evaluate([("a", {"kind": "id"})]) != []

@@ -159,6 +159,8 @@ def _a(phrase: str) -> str:
     """`phrase` with its indefinite article: "an 8-week-old boy", "a triage note"."""
     if phrase.startswith(("a ", "an ", "the ")):
         return phrase
+    if phrase.endswith(("details", "notes", "records")):  # plural: "the request details"
+        return f"the {phrase}"
     first = phrase.split(" ", 1)[0].split("-", 1)[0].lower()
     spoken_vowel = first in ("8", "11", "18") or (first[:1] != "" and first[0] in "8aeiou")
     return f"{'an' if spoken_vowel else 'a'} {phrase}"
