@@ -15,7 +15,8 @@ database on 127.0.0.1:5432, trust auth, user postgres or root, dropped afterward
   messages/s, ACK latency (send to ACK received) p50/p99, every ACK checked for AA; then how
   long the worker takes to drain the inbox;
 * discharge to Task: another `safetynet serve` on another fresh database, with a copy of the
-  rules whose `settle_minutes` is 0, fed at `--rate` messages/s on an open-loop schedule
+  rules whose `settle_minutes` is 0 and whose clock-driven rules are off (`latency_rules`
+  says why), fed at `--rate` messages/s on an open-loop schedule
   (4 lock-step connections, each patient always on the same one so that its messages keep their
   order) with a synthetic stream in which every visit is a child under 2 with imaging, every
   final report after the discharge. A separate read-only connection polls `task_history` every
@@ -42,7 +43,6 @@ import json
 import os
 import platform
 import secrets
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -64,6 +64,7 @@ from adapters.hl7v2.ack import build_ack, read_header  # noqa: E402
 from adapters.hl7v2.er7 import decode  # noqa: E402
 from adapters.mllp.framing import FrameReader, encode_frame  # noqa: E402
 from adapters.synth import SynthConfig, synth_messages  # noqa: E402
+from tests.service_harness import CLOCK_DRIVEN_RULES, message_time_rules  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "out" / "serve.json"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -688,22 +689,12 @@ def bench_ingest(
 
 
 def latency_rules(tmp: Path) -> Path:
-    """A copy of the bundled rules with `[discharge] settle_minutes = 0`."""
-    from adapters.bootstrap import default_rules_dir
-
-    target = tmp / "rules-settle0"
-    shutil.copytree(default_rules_dir(), target)
-    settings = target / "settings.toml"
-    lines = settings.read_text(encoding="utf-8").splitlines()
-    replaced = 0
-    for i, line in enumerate(lines):
-        if line.strip().startswith("settle_minutes"):
-            lines[i] = "settle_minutes = 0"
-            replaced += 1
-    if replaced != 1:
-        raise RuntimeError(f"{settings}: expected one settle_minutes line, found {replaced}")
-    settings.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return target
+    """A copy of the bundled rules with `[discharge] settle_minutes = 0` and the clock-driven
+    rules off (tests.service_harness.CLOCK_DRIVEN_RULES). The stream is dated January 2026 and
+    sent now: every overdue-report, review-window and escalation timer of each patient would
+    fall due the moment it is set, a load live traffic (dated as it is sent) never puts on
+    the worker. Their cost is in the ingest phase and in bench_replay."""
+    return message_time_rules(tmp / "rules-latency", settle_minutes=0)
 
 
 def bench_latency(
@@ -1041,7 +1032,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": args.seed,
             "run": run,
             "ingest_synth": "SynthConfig defaults (patients as needed)",
-            "latency_synth": {**LATENCY_MIX, "settle_minutes": 0},
+            "latency_synth": {
+                **LATENCY_MIX,
+                "settle_minutes": 0,
+                "rules_off": list(CLOCK_DRIVEN_RULES),
+            },
             "quick": args.quick,
             "task_committed": "first poll of task_history (read-only connection) that sees it",
         },
