@@ -106,8 +106,6 @@ class Processor:
     # --- identity -------------------------------------------------------------------------
 
     def _patient_key(self, uow: UnitOfWork, event: Event) -> str:
-        if isinstance(event, TaskStatusChanged):
-            return self._task_of(uow, event)[0]
         if event.patient is None or not event.patient.identifiers:
             if isinstance(event, _ORDER_EVENTS):
                 found = uow.order_for(event.order.tokens())
@@ -171,12 +169,12 @@ class Processor:
         savepoint) or RuleEvaluationError (fail closed: the message stays unprocessed)."""
         touched: dict[str, dict[str, Fact]] = {}
         for event in events:
-            patient_key = self._patient_key(uow, event)
             if isinstance(event, TaskStatusChanged):
-                self._status_changed(uow, event, patient_key, now)
-                touched.pop(patient_key, None)
+                patient_key, task = self._task_of(uow, event)
+                self._status_changed(uow, event, task, patient_key, now)
                 touched[patient_key] = by_key(uow.facts(patient_key))
                 continue
+            patient_key = self._patient_key(uow, event)
             if isinstance(event, PatientsMerged):
                 priors = set(uow.patients_for([i.token for i in event.prior]).values())
                 for prior in sorted(priors - {patient_key}):
@@ -471,9 +469,13 @@ class Processor:
         return patient_key, stored
 
     def _status_changed(
-        self, uow: UnitOfWork, event: TaskStatusChanged, patient_key: str, now: datetime
+        self,
+        uow: UnitOfWork,
+        event: TaskStatusChanged,
+        stored: StoredTask,
+        patient_key: str,
+        now: datetime,
     ) -> None:
-        _, stored = self._task_of(uow, event)
         allowed = ALLOWED.get(stored.status, frozenset())
         if event.status not in allowed:
             raise TaskStateError(

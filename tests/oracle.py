@@ -8,7 +8,7 @@ durable_rules' failure modes are silent, so every evaluation is compared with th
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -18,6 +18,27 @@ from engine.tasks import task_identifier
 
 R1 = "imaging-pending-at-discharge"
 R2 = "report-final-after-discharge"
+
+
+def went_home(
+    facts: Sequence[Mapping[str, Any]], now: int, max_age_months: int, settle: int
+) -> Iterator[Mapping[str, Any]]:
+    """DESIGN.md "Discharge", in plain Python: discharges that left the hospital's care, not
+    cancelled, of a patient younger than `max_age_months` then (unknown age, -1, counts),
+    whose settle time (seconds) has passed without an admission in it."""
+    for d in facts:
+        if d["kind"] != "discharge" or d["leaves_care"] != 1 or d["cancelled"] != 0:
+            continue
+        if not d["age_months"] < max_age_months or now < d["at"] + settle:
+            continue
+        if any(
+            a["kind"] == "admission"
+            and a["cancelled"] == 0
+            and d["at"] <= a["at"] <= d["at"] + settle
+            for a in facts
+        ):
+            continue
+        yield d
 
 
 def expected_tasks(
@@ -30,19 +51,7 @@ def expected_tasks(
     now = next(f["t"] for f in facts if f["kind"] == "now")
     settle = settle_minutes * 60
     out: dict[str, str] = {}
-    for d in (f for f in facts if f["kind"] == "discharge"):
-        if not (d["leaves_care"] == 1 and d["cancelled"] == 0):
-            continue
-        # unknown age (-1) is in the cohort: the net fails safe
-        if not d["age_months"] < max_age_months or now < d["at"] + settle:
-            continue
-        if any(
-            a["kind"] == "admission"
-            and a["cancelled"] == 0
-            and d["at"] <= a["at"] <= d["at"] + settle
-            for a in facts
-        ):
-            continue
+    for d in went_home(facts, now, max_age_months, settle):
         trigger = f"discharge:{d['enc']}:{d['at']}"
         for o in facts:
             if o["kind"] != "order" or o["imaging"] != 1 or o.get("enc") != d["enc"]:

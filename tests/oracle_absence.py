@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.catalogue import Catalogue, Rule
 from engine.tasks import task_identifier
+from tests.oracle import went_home
 
 R1 = "imaging-pending-at-discharge"
 R6 = "final-report-overdue"
@@ -34,23 +35,6 @@ def _running(catalogue: Catalogue, rule_id: str) -> Rule | None:
 
 def _of(facts: Sequence[Fact], kind: str) -> list[Fact]:
     return [f for f in facts if f["kind"] == kind]
-
-
-def _went_home(facts: Sequence[Fact], max_age_months: int, settle: int, now: int) -> Iterator[Fact]:
-    """Discharges that left the hospital's care, not cancelled, of a child younger than
-    `max_age_months` then (unknown age counts), whose settle time has passed without an
-    admission in it."""
-    for d in _of(facts, "discharge"):
-        if d["leaves_care"] != 1 or d["cancelled"] != 0 or not d["age_months"] < max_age_months:
-            continue
-        if now < d["at"] + settle:
-            continue
-        if any(
-            a["cancelled"] == 0 and d["at"] <= a["at"] <= d["at"] + settle
-            for a in _of(facts, "admission")
-        ):
-            continue
-        yield d
 
 
 def _visit_orders(facts: Sequence[Fact], d: Fact) -> Iterator[Fact]:
@@ -76,7 +60,7 @@ def final_report_overdue(
     skeletal survey in the survey cohort, on its own deadline; else routine)."""
     p = rule.params
     out: dict[str, str] = {}
-    for d in _went_home(facts, p["max_age_months"], settle, now):
+    for d in went_home(facts, now, p["max_age_months"], settle):
         for o in _visit_orders(facts, d):
             survey = o["skeletal"] == 1 and d["age_months"] < p["survey_max_age_months"]
             due = d["at"] + (p["skeletal_survey_hours"] if survey else p["hours"]) * HOUR
@@ -97,7 +81,7 @@ def imaging_not_performed(
     out to have been performed before the discharge."""
     p = rule.params
     out: dict[str, str] = {}
-    for d in _went_home(facts, p["max_age_months"], settle, now):
+    for d in went_home(facts, now, p["max_age_months"], settle):
         flagged = any(
             f.get("at", NEVER) <= d["at"] < f.get("cleared_at", NEVER) for f in _of(facts, "flag")
         )

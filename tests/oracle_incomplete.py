@@ -9,6 +9,7 @@ from typing import Any
 
 from engine.catalogue import Catalogue
 from engine.tasks import task_identifier
+from tests.oracle import went_home
 
 RULE = "record-incomplete-at-discharge"
 
@@ -26,18 +27,7 @@ def expected(
     held = [f for f in facts if f["kind"] == "incomplete" and f["resolved"] == 0]
     out: dict[str, str] = {}
     if held:
-        for d in (f for f in facts if f["kind"] == "discharge"):
-            if d["leaves_care"] != 1 or d["cancelled"] != 0 or now < d["at"] + settle:
-                continue
-            if not d["age_months"] < p["max_age_months"]:
-                continue
-            if any(
-                a["kind"] == "admission"
-                and a["cancelled"] == 0
-                and d["at"] <= a["at"] <= d["at"] + settle
-                for a in facts
-            ):
-                continue
+        for d in went_home(facts, now, p["max_age_months"], settle):
             out[task_identifier(RULE, "record", f"discharge:{d['enc']}:{d['at']}")] = p["priority"]
     else:
         for t in facts:

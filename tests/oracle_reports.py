@@ -13,6 +13,7 @@ from typing import Any
 
 from engine.catalogue import Catalogue
 from engine.tasks import PRIORITIES, task_identifier
+from tests.oracle import went_home
 
 R2 = "report-final-after-discharge"
 R3 = "discrepancy-after-discharge"
@@ -34,24 +35,6 @@ def _concepts(report: Fact) -> frozenset[str]:
 
 def _final(report: Fact) -> bool:
     return report["status"] in ("F", "C")
-
-
-def _went_home(facts: Sequence[Fact], now: int, max_age_months: int, settle: int) -> Iterator[Fact]:
-    """Discharges home of a patient in the cohort (unknown age included), not cancelled,
-    settled, and not followed within the settle time by an admission."""
-    for d in facts:
-        if d["kind"] != "discharge" or d["leaves_care"] != 1 or d["cancelled"] != 0:
-            continue
-        if d["age_months"] >= max_age_months or now < d["at"] + settle:
-            continue
-        if any(
-            a["kind"] == "admission"
-            and a["cancelled"] == 0
-            and d["at"] <= a["at"] <= d["at"] + settle
-            for a in facts
-        ):
-            continue
-        yield d
 
 
 def _pending(facts: Sequence[Fact], d: Fact) -> Iterator[tuple[Fact, list[Fact]]]:
@@ -76,7 +59,7 @@ def _put(out: dict[str, str], ident: str, priority: str) -> None:
 def _discrepancies(
     facts: Sequence[Fact], now: int, p: Mapping[str, Any], settle: int, out: dict[str, str]
 ) -> None:
-    for d in _went_home(facts, now, p["max_age_months"], settle):
+    for d in went_home(facts, now, p["max_age_months"], settle):
         trigger = f"discharge:{d['enc']}:{d['at']}"
         for o, reports in _pending(facts, d):
             prelims = [r for r in reports if r["status"] == "P" and r["at"] <= d["at"]]
@@ -104,7 +87,7 @@ def _alerts(
     facts: Sequence[Fact], now: int, p: Mapping[str, Any], settle: int, out: dict[str, str]
 ) -> None:
     by_rank = {1: "asap", 2: "urgent", 3: "stat"}
-    for d in _went_home(facts, now, p["max_age_months"], settle):
+    for d in went_home(facts, now, p["max_age_months"], settle):
         trigger = f"discharge:{d['enc']}:{d['at']}"
         for o, reports in _pending(facts, d):
             after = [r for r in reports if _final(r) and r["at"] > d["at"]]
@@ -135,7 +118,7 @@ def _changes(
     # (order, discharge visit, discharge time) of each reviewed final report: the discharge
     # still stands, or someone has taken the review Task on.
     reviewed: set[tuple[str, str, int]] = set()
-    for d in _went_home(facts, now, p["max_age_months"], settle):
+    for d in went_home(facts, now, p["max_age_months"], settle):
         for o, _ in _pending(facts, d):
             reviewed.add((o["okey"], d["enc"], d["at"]))
     for t in facts:
