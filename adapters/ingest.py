@@ -305,13 +305,19 @@ class Hl7Ingest:
         inbox_id: int,
         now: datetime,
     ) -> IngestResult:
-        """Mark the patients a refused message names as having an incomplete record. If
-        even that cannot be done (a rule that cannot be evaluated for them), the quarantine
-        item stands alone: it is the human-review item."""
+        """Mark the patients a refused message names as having an incomplete record, and
+        evaluate them (a discharge already past raises its review Task now). When the rules
+        cannot be evaluated for them, the marks are still written, unevaluated: they stand
+        for when the rules can be, and the quarantine item is the human-review item."""
         try:
             with uow.savepoint():
                 tasks = self._processor.mark_incomplete(uow, events, inbox_id, now)
         except EngineError:
+            try:
+                with uow.savepoint():
+                    self._processor.mark_incomplete(uow, events, inbox_id, now, evaluate=False)
+            except EngineError:
+                pass  # e.g. identifiers that cannot even be stored: the item stands alone
             return result
         return replace(result, tasks=tuple(tasks))
 

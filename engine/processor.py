@@ -219,13 +219,20 @@ class Processor:
     # --- record incomplete (DESIGN.md non-negotiable 3) -----------------------------------
 
     def mark_incomplete(
-        self, uow: UnitOfWork, events: Sequence[Event], inbox_id: int, now: datetime
+        self,
+        uow: UnitOfWork,
+        events: Sequence[Event],
+        inbox_id: int,
+        now: datetime,
+        evaluate: bool = True,
     ) -> list[StoredTask]:
         """Fail closed: a message the engine refused (quarantined) leaves every patient it
         names with an incomplete record until it is processed. Each such patient gets an
         `incomplete:<inbox id>` fact (so a discharge raises a review Task) and is evaluated.
         A patient heard of here for the first time is created with the message's
-        identifiers: the record that is missing something must exist to say so."""
+        identifiers: the record that is missing something must exist to say so. Without
+        `evaluate` only the marks are written (when the rules cannot be evaluated for these
+        patients, the mark still stands for when they can)."""
         keys: set[str] = set()
         for event in events:
             if event.patient is not None and event.patient.identifiers:
@@ -253,7 +260,8 @@ class Processor:
                     )
                 ],
             )
-            tasks.extend(self.evaluate(uow, key, now))
+            if evaluate:
+                tasks.extend(self.evaluate(uow, key, now))
         return tasks
 
     def mark_complete(

@@ -130,6 +130,10 @@ def test_a_rule_engine_failure_fails_closed(app: App, monkeypatch: pytest.Monkey
     assert rows(app, "select state from inbox where control_id = 'DERBY-0004'") == [("failed",)]
     assert rows(app, "select count(*) from facts where key like 'discharge:%'") == [(0,)]
     assert rows(app, "select reason from quarantine") == [(result.reason,)]
+    # The patient's record is marked incomplete all the same (unevaluated: the rules cannot
+    # be), so a discharge raises a review Task once they can.
+    [(mark,)] = rows(app, "select data from facts where key like 'incomplete:%'")
+    assert '"resolved": 0' in mark
 
 
 _FIELD_TEXT = st.text(alphabet=st.sampled_from(list("0123456789ABCZ^~&\\ -.:+")), max_size=20)
