@@ -96,11 +96,17 @@ class TaskPrinter:
         if self.fmt != "text":
             return
         tasks = list(self.latest.values())
-        self.out.write(f"{len(tasks)} task(s)\n")
+        shadow = sum(1 for t in tasks if t.shadow)
+        self.out.write(
+            f"{len(tasks)} task(s)"
+            + (f", {shadow} of them shadow (recorded, never delivered)" if shadow else "")
+            + "\n"
+        )
         for task in tasks:
             owner = task.resource.get("owner", {}).get("display") or task.owner
+            mark = "  SHADOW" if task.shadow else ""
             self.out.write(
-                f"\n{task.identifier}  {task.status}  {task.priority}\n"
+                f"\n{task.identifier}  {task.status}  {task.priority}{mark}\n"
                 f"  rule:  {task.rule_id} {task.rule_version}\n"
                 f"  owner: {owner}\n"
                 f"  {task.resource.get('description', '')}\n"
@@ -447,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         sys.stderr.write(f"safetynet: error: {exc}\n")
         return 2
+    except BrokenPipeError:  # `safetynet tasks list | head`: the reader has had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

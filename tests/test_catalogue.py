@@ -178,3 +178,21 @@ def test_the_readme_rules_table_is_in_step_with_the_catalogue() -> None:
         assert f"| {rule.version} | {rule.status} |" in row, rule.id
         for p in rule.parameters.values():
             assert f"`{p.name}` {p.default}" in row, f"{rule.id}: {p.name}"
+
+
+def test_a_shadow_rules_tasks_are_listed_as_shadow(
+    rules: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from adapters.cli import main
+
+    settings = rules / "settings.toml"
+    settings.write_text(
+        settings.read_text() + '\n[rules.discrepancy-after-discharge]\nstatus = "shadow"\n'
+    )
+    derby = RULES.parent / "tests" / "fixtures" / "hl7v2" / "derby"
+    assert main(["replay", str(derby), "--rules", str(rules), "--format", "text"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("3 task(s), 1 of them shadow (recorded, never delivered)\n")
+    assert "discrepancy-after-discharge-" in text
+    shadow_lines = [line for line in text.splitlines() if line.endswith("SHADOW")]
+    assert len(shadow_lines) == 1 and shadow_lines[0].startswith("discrepancy-after-discharge-")
