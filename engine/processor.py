@@ -101,6 +101,9 @@ class Processor:
                 definitions[name] = definition
                 self._rules[name] = rule
         self._core = RuleCore(definitions)
+        # Tasks raised in one pass are facts rules may read in the next (escalation,
+        # withdrawal): a second pass only when some rule reads Task facts at all.
+        self._passes = MAX_PASSES if "task" in self._core.kinds else 1
         self._next_due: datetime | None = None  # None: unknown, read the due table
 
     # --- identity -------------------------------------------------------------------------
@@ -366,7 +369,7 @@ class Processor:
         patient's current facts when the caller has just read them."""
         current = by_key(uow.facts(patient_key) if facts is None else facts)
         created: list[StoredTask] = []
-        for _ in range(MAX_PASSES):
+        for n in range(1, MAX_PASSES + 1):
             memory = working_memory(current.values(), now, self.catalogue.site.timezone)
             written: list[Fact] = []
             for decision in self.decide(memory):
@@ -383,6 +386,8 @@ class Processor:
                 break
             uow.put_facts(patient_key, written)
             current.update((f.key, f) for f in written)
+            if n == self._passes < MAX_PASSES:
+                break  # no rule reads Task facts: nothing more can change
         else:
             raise RuleEvaluationError(
                 f"rules still changing Tasks after {MAX_PASSES} passes (a rule loop)"

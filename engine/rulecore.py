@@ -343,6 +343,14 @@ class RuleCore:
         self._filter = _AlphaFilter(
             [_alpha_filter(d) for name, d in definitions.items() if UNLESS not in name]
         )
+        self.kinds = frozenset(
+            value
+            for definition in definitions.values()
+            for tests in _alpha_filter(definition)
+            for op, prop, value in tests
+            if op == "$eq" and prop == "kind"
+        )
+        """The fact kinds the rules test for (`kind == ...`), e.g. whether any reads Tasks."""
         rules["keep_"] = {
             "all": [{"m": {"keep_": 1}}, {"n": {"never_": 1}}],
             "run": lambda _c: None,

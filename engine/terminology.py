@@ -11,6 +11,7 @@ stored.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -149,16 +150,25 @@ class Terminology:
 def _occurrences(words: Sequence[str], phrases: Sequence[Phrase]) -> list[tuple[int, Phrase]]:
     """(start, phrase) of each phrase found in `words`, longest phrase first at each start."""
     found = []
-    ordered = sorted(phrases, key=len, reverse=True)
+    by_first = _by_first_word(tuple(phrases))
     i = 0
     while i < len(words):
-        for phrase in ordered:
+        for phrase in by_first.get(words[i], ()):
             if tuple(words[i : i + len(phrase)]) == phrase:
                 found.append((i, phrase))
                 i += len(phrase) - 1
                 break
         i += 1
     return found
+
+
+@functools.lru_cache(maxsize=256)
+def _by_first_word(phrases: tuple[Phrase, ...]) -> dict[str, tuple[Phrase, ...]]:
+    """The phrases by their first word, longest first (the map's phrase lists are fixed)."""
+    index: dict[str, list[Phrase]] = {}
+    for phrase in sorted(phrases, key=len, reverse=True):
+        index.setdefault(phrase[0], []).append(phrase)
+    return {word: tuple(found) for word, found in index.items()}
 
 
 def _covered(words: Sequence[str], phrases: Sequence[Phrase]) -> set[int]:
