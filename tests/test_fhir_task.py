@@ -6,8 +6,9 @@ from datetime import UTC, datetime, timedelta
 
 from fhir.resources.R4B.task import Task
 
-from adapters.fhir.task import task_resource
+from adapters.fhir.task import task_resource, task_restatus
 from engine.events import Clinician
+from engine.processor import StatusUpdate
 from engine.tasks import OrderFocus, RecallTask, task_identifier
 
 
@@ -80,3 +81,62 @@ def test_a_pool_owner_a_parent_task_and_shadow_mode() -> None:
     assert resource["partOf"][0]["reference"] == "Task/parent-1"
     assert resource["meta"]["tag"][0]["code"] == "shadow"
     assert resource["for"]["identifier"]["system"] == "https://fhir.nhs.uk/Id/nhs-number"
+
+
+def test_a_task_about_no_order_with_inputs_an_escalation_level_and_safeguarding() -> None:
+    resource = task_resource(
+        recall(
+            focus=None,
+            inputs=(("Words recorded", "grip marks"), ("Concept", "bruise")),
+            level=2,
+            safeguarding=True,
+        )
+    )
+    Task.model_validate(resource)
+    assert "contained" not in resource and "focus" not in resource
+    assert resource["input"] == [
+        {"type": {"text": "Words recorded"}, "valueString": "grip marks"},
+        {"type": {"text": "Concept"}, "valueString": "bruise"},
+    ]
+    assert resource["businessStatus"]["coding"][0]["code"] == "escalation-L2"
+    assert resource["meta"]["tag"] == [{"system": "urn:safetynet:tag", "code": "safeguarding"}]
+
+
+def test_a_result_held_unmatched_has_no_patient_but_keeps_its_order() -> None:
+    resource = task_resource(recall(patient_value="", patient_system=""))
+    Task.model_validate(resource)
+    assert "for" not in resource
+    assert resource["contained"][0]["subject"] == {
+        "display": "Patient not yet identified (result held unmatched)"
+    }
+
+
+def test_status_changes_keep_the_reason_the_note_and_who_and_a_merge_repoints_the_patient() -> None:
+    at = datetime(2008, 5, 2, 9, 0, tzinfo=UTC)
+    raised = task_resource(recall())
+    cancelled = task_restatus(
+        raised, StatusUpdate("cancelled", at, "", reason="Discharge cancelled")
+    )
+    assert (cancelled["status"], cancelled["statusReason"]) == (
+        "cancelled",
+        {"text": "Discharge cancelled"},
+    )
+    assert cancelled["lastModified"].startswith("2008-05-02T09:00:00")
+    done = task_restatus(raised, StatusUpdate("completed", at, "C1001", note="Family called back"))
+    assert done["note"] == [
+        {"text": "Family called back", "time": done["note"][0]["time"], "authorString": "C1001"}
+    ]
+    moved = task_restatus(
+        raised, StatusUpdate("requested", at, "", patient=("NHS", "9990000018", True))
+    )
+    assert moved["for"]["identifier"] == {
+        "system": "https://fhir.nhs.uk/Id/nhs-number",
+        "value": "9990000018",
+    }
+    assert moved["contained"][0]["subject"] == moved["for"]
+    assert moved["input"] == [
+        {
+            "type": {"text": "Patient identifier before the merge"},
+            "valueString": "urn:safetynet:authority:RX1|RX1000123",
+        }
+    ]
