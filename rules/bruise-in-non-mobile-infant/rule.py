@@ -31,12 +31,10 @@ from engine.tasks import (
     person,
     plus_hours,
     role_owner,
-    task_identifier,
     when,
 )
 
 CONCEPT = "bruise"
-LEAD = "-lead"  # the variant suffix of the safeguarding team's Task
 ANY_AGE = 10**6  # discharged_home's age limit when the cohort is decided at the note
 REGIONS = {
     "torso": "the torso",
@@ -74,41 +72,40 @@ def _all(*tests: Any) -> Any:
 def conditions(p: Mapping[str, Any], site: Site) -> Mapping[str, Mapping[str, Any]]:
     """For each reason: "<reason>-timed", the review time has passed (now `n`), and
     "<reason>-home", the child went home from the note's visit (discharge `d`) before the end
-    of it; each for the consultant and (suffix "-lead") for the safeguarding team. Each is
-    cancelled by a flag `g` within the review time of the note (`!unless-flagged`), and by an
-    earlier note `e` of the same visit within the review time that counts for the same reason
-    (`!unless-covered`: its Task covers this one)."""
+    of it. Each is cancelled by a flag `g` within the review time of the note
+    (`!unless-flagged`), and by an earlier note `e` of the same visit within the review time
+    that counts for the same reason (`!unless-covered`: its Task covers this one). Each match
+    raises the consultant's Task and the safeguarding team's."""
     review = p["review_hours"] * 3600
     out: dict[str, Mapping[str, Any]] = {}
     for reason, cohort in _cohorts(p).items():
         bruise = [m.kind == "finding", m.concept == CONCEPT, *cohort]
-        for suffix in ("", LEAD):
-            timed, home = f"{reason}-timed{suffix}", f"{reason}-home{suffix}"
-            out[timed] = when_all(
-                c.f << _all(*bruise),
-                c.n << _all(m.kind == "now", m.t >= c.f.at + review),
+        timed, home = f"{reason}-timed", f"{reason}-home"
+        out[timed] = when_all(
+            c.f << _all(*bruise),
+            c.n << _all(m.kind == "now", m.t >= c.f.at + review),
+        ).define()
+        out[home] = when_all(
+            *discharged_home(ANY_AGE, site.settle_minutes),
+            c.f << _all(*bruise, m.enc == c.d.enc, m.at >= c.d.at - review),
+        ).define()
+        out[f"{home}!unless-admitted"] = unless_admitted_after(site.settle_minutes)
+        for name in (timed, home):
+            out[f"{name}!unless-flagged"] = when_all(
+                c.f << (m.kind == "finding"),
+                c.g << _all(m.kind == "flag", m.at >= c.f.at - review, m.at <= c.f.at + review),
             ).define()
-            out[home] = when_all(
-                *discharged_home(ANY_AGE, site.settle_minutes),
-                c.f << _all(*bruise, m.enc == c.d.enc, m.at >= c.d.at - review),
+            out[f"{name}!unless-covered"] = when_all(
+                c.f << (m.kind == "finding"),
+                c.e
+                << _all(
+                    *bruise,
+                    m.enc != "",
+                    m.enc == c.f.enc,
+                    m.at < c.f.at,
+                    m.at >= c.f.at - review,
+                ),
             ).define()
-            out[f"{home}!unless-admitted"] = unless_admitted_after(site.settle_minutes)
-            for name in (timed, home):
-                out[f"{name}!unless-flagged"] = when_all(
-                    c.f << (m.kind == "finding"),
-                    c.g << _all(m.kind == "flag", m.at >= c.f.at - review, m.at <= c.f.at + review),
-                ).define()
-                out[f"{name}!unless-covered"] = when_all(
-                    c.f << (m.kind == "finding"),
-                    c.e
-                    << _all(
-                        *bruise,
-                        m.enc != "",
-                        m.enc == c.f.enc,
-                        m.at < c.f.at,
-                        m.at >= c.f.at - review,
-                    ),
-                ).define()
     return out
 
 
@@ -173,8 +170,8 @@ def _display(site: Site) -> str:
         return CONCEPT
 
 
-def recall_task(match: RuleMatch) -> RecallTask:
-    """The consultant's Task, or (variants ending "-lead") the safeguarding team's."""
+def recall_task(match: RuleMatch) -> list[RecallTask]:
+    """The consultant's Task, and the safeguarding team's, `partOf` it."""
     f, site, p = match.facts["f"], match.site, match.p
     d = match.facts.get("d") if "-home" in match.variant else None
     review = int(p["review_hours"])
@@ -234,28 +231,28 @@ def recall_task(match: RuleMatch) -> RecallTask:
         ],
     }
     reason = "Possible bruising in a non-mobile infant or young child; no safeguarding referral"
-    if match.variant.endswith(LEAD):
-        return match.task(
-            trigger="finding:lead",
-            description=(
-                f"For the safeguarding team: {recorded[0].lower()}{recorded[1:]} {absent} "
-                f"{consultant[0].name or 'The consultant in charge'} has a Task to act on it "
-                "(NICE CG89: suspect maltreatment). Make sure the child is referred under the "
-                "local safeguarding procedure and a safeguarding flag is recorded; consider a "
-                "skeletal survey and neuro-imaging per RCR guidance."
-            ),
-            reason=reason,
-            owner=role_owner(site, "safeguarding-lead"),
-            part_of=task_identifier(match.rule.id, key, "finding"),
-            **common,
-        )
-    return match.task(
+    own = match.task(
         trigger="finding",
         description=f"{recorded} {absent} {guidance}",
         reason=reason,
         owner=consultant,
         **common,
     )
+    team = match.task(
+        trigger="finding:lead",
+        description=(
+            f"For the safeguarding team: {recorded[0].lower()}{recorded[1:]} {absent} "
+            f"{consultant[0].name or 'The consultant in charge'} has a Task to act on it "
+            "(NICE CG89: suspect maltreatment). Make sure the child is referred under the "
+            "local safeguarding procedure and a safeguarding flag is recorded; consider a "
+            "skeletal survey and neuro-imaging per RCR guidance."
+        ),
+        reason=reason,
+        owner=role_owner(site, "safeguarding-lead"),
+        part_of=own.identifier,
+        **common,
+    )
+    return [own, team]
 
 
 def wake_times(

@@ -21,6 +21,7 @@ from engine.definitions import (
     unless_admitted_after,
     unless_final_by_discharge,
 )
+from engine.events import Clinician
 from engine.rulecore import c, m, when_all
 from engine.tasks import (
     RecallTask,
@@ -29,12 +30,9 @@ from engine.tasks import (
     plus_hours,
     responsible_clinician,
     role_owner,
-    task_identifier,
     when,
     who,
 )
-
-LEAD = "-lead"  # the variant suffix of the safeguarding team's Task
 
 
 def _flag_active_at(alias: str) -> Any:
@@ -49,23 +47,21 @@ def _flag_active_at(alias: str) -> Any:
 def conditions(p: Mapping[str, Any], site: Site) -> Mapping[str, Mapping[str, Any]]:
     """(a) "pending": a discharge home `d`, an order `o` pending then, a flag `g` active then.
     (b) "reported": a final or corrected report `r` of an imaging order `o` issued while a
-    flag `g` was active. Each twice: the clinician's Task, and the safeguarding team's."""
-    out: dict[str, Mapping[str, Any]] = {}
-    for suffix in ("", LEAD):
-        pending = f"pending{suffix}"
-        out[pending] = when_all(
+    flag `g` was active. Each match raises both Tasks (the clinician's, the team's)."""
+    return {
+        "pending": when_all(
             *discharged_home(p["max_age_months"], site.settle_minutes),
             *pending_order(),
             _flag_active_at("d"),
-        ).define()
-        out[f"{pending}!unless-admitted"] = unless_admitted_after(site.settle_minutes)
-        out[f"{pending}!unless-final"] = unless_final_by_discharge()
-        out[f"reported{suffix}"] = when_all(
+        ).define(),
+        "pending!unless-admitted": unless_admitted_after(site.settle_minutes),
+        "pending!unless-final": unless_final_by_discharge(),
+        "reported": when_all(
             c.r << ((m.kind == "report") & (m.final == 1) & (m.age_months < p["max_age_months"])),
             c.o << ((m.kind == "order") & (m.okey == c.r.okey) & (m.imaging == 1)),
             _flag_active_at("r"),
-        ).define()
-    return out
+        ).define(),
+    }
 
 
 def _flag(match: RuleMatch, at: int) -> Mapping[str, Any]:
@@ -82,18 +78,17 @@ def _subject(age_months: int) -> str:
     return "child" if 0 <= age_months < 18 * 12 else "patient"
 
 
-def recall_task(match: RuleMatch) -> RecallTask:
-    """The clinician's Task, or (variants ending "-lead") the safeguarding team's."""
-    if match.variant.startswith("pending"):
+def recall_task(match: RuleMatch) -> list[RecallTask]:
+    """The clinician's Task and the safeguarding team's, `partOf` it."""
+    if match.variant == "pending":
         return _pending(match)
     return _reported(match)
 
 
-def _pending(match: RuleMatch) -> RecallTask:
+def _pending(match: RuleMatch) -> list[RecallTask]:
     d, o, site, p = match.facts["d"], match.facts["o"], match.site, match.p
     flag = _flag(match, int(d["at"]))
     raised = int(d["at"]) + site.settle_minutes * 60
-    trigger = discharge_trigger(d)
     procedure = o.get("name") or "an imaging examination"
     reports = [r for r in match.of_kind("report") if r["okey"] == o["okey"] and r["at"] <= d["at"]]
     state = (
@@ -108,48 +103,32 @@ def _pending(match: RuleMatch) -> RecallTask:
         f"{site.place(str(d.get('location', '')), str(d.get('class', '')))} at "
         f"{when(int(d['at']), site)} while {procedure} {state}."
     )
-    clinician = responsible_clinician(site, d, o)
-    own = task_identifier(match.rule.id, str(o["okey"]), trigger)
-    common: dict[str, Any] = {
-        "order": o,
-        "priority": p["priority"],
-        "encounter": str(d["enc"]),
-        "discharge": d,
-        "authored_on": local_time(raised, site),
-        "deadline": plus_hours(raised, p["ack_hours"], site),
-        "inputs": _inputs(flag),
-    }
-    if match.variant.endswith(LEAD):
-        return match.task(
-            trigger=f"{trigger}:lead",
-            description=(
-                f"For the safeguarding team: {story[0].lower()}{story[1:]} "
-                f"{clinician[0].name or 'The responsible clinician'} has a Task to follow the "
-                f"result up. Make sure the final report is shared with the team working with "
-                f"the {subject} and acted on under the safeguarding plan."
-            ),
-            reason="Safeguarding flag: imaging pending when the patient went home",
-            owner=role_owner(site, "safeguarding-lead"),
-            part_of=own,
-            **common,
-        )
-    return match.task(
-        trigger=trigger,
-        description=(
-            f"{story} The safeguarding team has its own Task about this. Review the final "
-            f"report as soon as it is issued, whatever it shows, share it with the safeguarding "
-            f"team, and recall the {subject} if needed."
+    return _pair(
+        match,
+        trigger=discharge_trigger(d),
+        story=story,
+        clinician=responsible_clinician(site, d, o),
+        clinician_asks=(
+            "Review the final report as soon as it is issued, whatever it shows, share it "
+            f"with the safeguarding team, and recall the {subject} if needed."
+        ),
+        team_asks=(
+            "has a Task to follow the result up. Make sure the final report is shared with "
+            f"the team working with the {subject} and acted on under the safeguarding plan."
         ),
         reason="Safeguarding flag: imaging pending when the patient went home",
-        owner=clinician,
-        **common,
+        order=o,
+        encounter=str(d["enc"]),
+        discharge=d,
+        authored_on=local_time(raised, site),
+        deadline=plus_hours(raised, p["ack_hours"], site),
+        inputs=_inputs(flag),
     )
 
 
-def _reported(match: RuleMatch) -> RecallTask:
+def _reported(match: RuleMatch) -> list[RecallTask]:
     r, o, site, p = match.facts["r"], match.facts["o"], match.site, match.p
     flag = _flag(match, int(r["at"]))
-    trigger = f"report:{r['at']}"
     procedure = o.get("name") or "an imaging examination"
     kind = "corrected" if r["status"] == "C" else "final"
     subject = _subject(int(r["age_months"]))
@@ -158,42 +137,63 @@ def _reported(match: RuleMatch) -> RecallTask:
         f"safeguarding flag (recorded at {when(int(flag['at']), site)}) was issued at "
         f"{when(int(r['at']), site)}."
     )
-    clinician = responsible_clinician(site, _encounter(match, str(o.get("enc", ""))), o)
-    own = task_identifier(match.rule.id, str(o["okey"]), trigger)
     raised = int(r["at"])
-    common: dict[str, Any] = {
-        "order": o,
-        "priority": p["priority"],
-        "encounter": str(o.get("enc", "")),
-        "authored_on": local_time(raised, site),
-        "deadline": plus_hours(raised, p["ack_hours"], site),
-        "inputs": _inputs(flag),
-    }
-    if match.variant.endswith(LEAD):
-        return match.task(
-            trigger=f"{trigger}:lead",
-            description=(
-                f"For the safeguarding team: {story[0].lower()}{story[1:]} "
-                f"{clinician[0].name or 'The responsible clinician'} has a Task to review it. "
-                f"Make sure the report is known to the team working with the {subject} and "
-                f"acted on under the safeguarding plan."
-            ),
-            reason="Safeguarding flag: imaging report issued",
-            owner=role_owner(site, "safeguarding-lead"),
-            part_of=own,
-            **common,
-        )
-    return match.task(
-        trigger=trigger,
-        description=(
-            f"{story} The safeguarding team has its own Task about this. Review the "
-            f"report today, whatever it shows, share it with the safeguarding team, and "
-            f"recall the {subject} if needed."
+    return _pair(
+        match,
+        trigger=f"report:{r['at']}",
+        story=story,
+        clinician=responsible_clinician(site, _encounter(match, str(o.get("enc", ""))), o),
+        clinician_asks=(
+            "Review the report today, whatever it shows, share it with the safeguarding "
+            f"team, and recall the {subject} if needed."
+        ),
+        team_asks=(
+            "has a Task to review it. Make sure the report is known to the team working with "
+            f"the {subject} and acted on under the safeguarding plan."
         ),
         reason="Safeguarding flag: imaging report issued",
+        order=o,
+        encounter=str(o.get("enc", "")),
+        discharge=None,
+        authored_on=local_time(raised, site),
+        deadline=plus_hours(raised, p["ack_hours"], site),
+        inputs=_inputs(flag),
+    )
+
+
+def _pair(
+    match: RuleMatch,
+    *,
+    trigger: str,
+    story: str,
+    clinician: tuple[Clinician, bool],
+    clinician_asks: str,
+    team_asks: str,
+    **common: Any,
+) -> list[RecallTask]:
+    """The responsible clinician's Task, and the safeguarding team's, `partOf` it (a FHIR
+    Task has one owner)."""
+    own = match.task(
+        trigger=trigger,
+        description=(
+            f"{story} The safeguarding team has its own Task about this. {clinician_asks}"
+        ),
         owner=clinician,
+        priority=match.p["priority"],
         **common,
     )
+    team = match.task(
+        trigger=f"{trigger}:lead",
+        description=(
+            f"For the safeguarding team: {story[0].lower()}{story[1:]} "
+            f"{clinician[0].name or 'The responsible clinician'} {team_asks}"
+        ),
+        owner=role_owner(match.site, "safeguarding-lead"),
+        part_of=own.identifier,
+        priority=match.p["priority"],
+        **common,
+    )
+    return [own, team]
 
 
 def _inputs(flag: Mapping[str, Any]) -> list[tuple[str, str]]:
