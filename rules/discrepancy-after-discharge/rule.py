@@ -3,8 +3,8 @@
 The child went home on a preliminary read; the first final (F) or corrected (C) report after
 discharge differs from it materially: (a) its flags are abnormal where the preliminary's were
 normal or empty, (b) it carries a higher alert rank, or (c) its set of key-finding concepts
-differs. One variant per reason (no `$or`); the Task identifier is the same for all three, so
-a report that differs for several reasons raises one Task. `partOf` the review Task of
+differs. The engine finds the pair of reports; whether they differ is decided in Python, and a
+report that differs for several reasons raises one Task. `partOf` the review Task of
 report-final-after-discharge (R2), whose owner and status it never touches.
 """
 
@@ -41,18 +41,17 @@ ALERT_WORDS = ("", "significant unexpected finding", "urgent finding", "critical
 CRITICAL = 3
 
 
-def _preliminary(extra: Any = None) -> Any:
+def _preliminary() -> Any:
     """A preliminary report `p` of order `o` on file at discharge `d`."""
-    pattern = (m.kind == "report") & (m.okey == c.o.okey) & (m.status == "P") & (m.at <= c.d.at)
-    return c.p << (pattern if extra is None else pattern & extra)
+    return c.p << (
+        (m.kind == "report") & (m.okey == c.o.okey) & (m.status == "P") & (m.at <= c.d.at)
+    )
 
 
-def _first_final(extra: Any) -> Any:
+def _first_final() -> Any:
     """A final or corrected report `r` of order `o` after discharge `d` (pair with
     `unless_earlier_final_after_discharge` to keep only the first)."""
-    return c.r << (
-        (m.kind == "report") & (m.okey == c.o.okey) & (m.final == 1) & (m.at > c.d.at) & extra
-    )
+    return c.r << ((m.kind == "report") & (m.okey == c.o.okey) & (m.final == 1) & (m.at > c.d.at))
 
 
 def _unless_later_preliminary() -> dict[str, Any]:
@@ -74,25 +73,20 @@ def _unless_later_preliminary() -> dict[str, Any]:
 
 def conditions(p: Mapping[str, Any], site: Site) -> Mapping[str, Mapping[str, Any]]:
     """One match per (discharge home, order pending then, the latest preliminary on file
-    then, the first final after discharge) that differ, per reason."""
-    reasons = {
-        "abnormal": (m.abnormal == 0, m.abnormal == 1),
-        "alert": (None, m.alert > c.p.alert),
-        "findings": (None, m.findings != c.p.findings),
-    }
-    out: dict[str, Mapping[str, Any]] = {}
-    for name, (on_preliminary, on_final) in reasons.items():
-        out[name] = when_all(
+    then, the first final after discharge); whether the two differ materially is decided in
+    `recall_task` (one test in Python rather than a variant per reason: fewer engine rules)."""
+    return {
+        "final": when_all(
             *discharged_home(p["max_age_months"], site.settle_minutes),
             *pending_order(),
-            _preliminary(on_preliminary),
-            _first_final(on_final),
-        ).define()
-        out[f"{name}!unless-admitted"] = unless_admitted_after(site.settle_minutes)
-        out[f"{name}!unless-final"] = unless_final_by_discharge()
-        out[f"{name}!unless-earlier"] = unless_earlier_final_after_discharge()
-        out[f"{name}!unless-later"] = _unless_later_preliminary()
-    return out
+            _preliminary(),
+            _first_final(),
+        ).define(),
+        "final!unless-admitted": unless_admitted_after(site.settle_minutes),
+        "final!unless-final": unless_final_by_discharge(),
+        "final!unless-earlier": unless_earlier_final_after_discharge(),
+        "final!unless-later": _unless_later_preliminary(),
+    }
 
 
 def _concepts(report: Mapping[str, Any]) -> frozenset[str]:
@@ -143,7 +137,7 @@ def recall_task(match: RuleMatch) -> RecallTask | None:
     d, o, prelim, final = match.facts["d"], match.facts["o"], match.facts["p"], match.facts["r"]
     major, differences = _differences(prelim, final)
     if not differences:
-        return None  # a variant matched on equal values: nothing to say, nothing to raise
+        return None  # the final says what the preliminary said: no discrepancy
     priority = _priority(match, major)
     raised = max(int(final["at"]), int(d["at"]) + site.settle_minutes * 60)
     if priority == "stat":
