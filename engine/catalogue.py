@@ -59,6 +59,7 @@ class Site:
     directory: Directory = field(default_factory=Directory)
     terminology: Terminology = EMPTY_TERMINOLOGY
     hl7: Mapping[str, Any] = field(default_factory=dict)  # settings.toml [hl7], for the mapper
+    fhir: Mapping[str, Any] = field(default_factory=dict)  # settings.toml [fhir], for the mapper
 
     def place(self, location: str, patient_class: str) -> str:
         """A plain-English place for a PV1-3 location, e.g. "the paediatric emergency
@@ -200,6 +201,7 @@ def _site(
         directory=directory,
         terminology=terminology,
         hl7=dict(settings.get("hl7", {})),
+        fhir=dict(settings.get("fhir", {})),
     )
 
 
