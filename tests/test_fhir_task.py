@@ -140,3 +140,11 @@ def test_status_changes_keep_the_reason_the_note_and_who_and_a_merge_repoints_th
             "valueString": "urn:safetynet:authority:RX1|RX1000123",
         }
     ]
+
+
+def test_authority_of_is_the_inverse_of_authority_system() -> None:
+    from adapters.fhir.task import authority_of, authority_system
+
+    for authority in ("RIS", "PACS", "GMC", "NMC", "NHS", "RX1"):
+        assert authority_of(authority_system(authority)) == authority
+    assert authority_of("https://example.org/ids") == "https://example.org/ids"

@@ -59,6 +59,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from adapters.errors import AdapterError
+from adapters.fhir.task import authority_of
 from engine.errors import ConfigurationError
 from engine.events import (
     ALERTS,
@@ -162,12 +163,6 @@ CLINICIAN_TYPES = ("Practitioner", "PractitionerRole")
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"  # identifier types
 V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"  # diagnostic service sections
 SNOMED = "http://snomed.info/sct"
-AUTHORITY_PREFIX = "urn:safetynet:authority:"  # adapters.fhir.task.authority_system
-# Practitioner identifier systems with a published URI (the reverse of task.KNOWN_AUTHORITIES).
-KNOWN_SYSTEMS: Mapping[str, str] = {
-    "https://fhir.hl7.org.uk/Id/gmc-number": "GMC",
-    "https://fhir.hl7.org.uk/Id/nmc-number": "NMC",
-}
 BIRTH_TIME = "http://hl7.org/fhir/StructureDefinition/patient-birthTime"
 RESOURCE_NAMESPACE = "FHIR"  # an order named by a resource id, from a sender with no meta.source
 REQUEST_DETAILS = "request details"  # ClinicalNote.source_kind, as for HL7 OBR-13
@@ -393,15 +388,6 @@ def _type_code(concept: Any) -> str:
         if coding.system in (None, V2_0203) and coding.code:
             return str(coding.code).strip().upper()
     return ""
-
-
-def _authority(system: str | None) -> str:
-    """The HL7-style assigning authority for an identifier system: the inverse of
-    adapters.fhir.task.authority_system, so that both feeds name things alike."""
-    system = (system or "").strip()
-    if system.startswith(AUTHORITY_PREFIX):
-        return system[len(AUTHORITY_PREFIX) :]
-    return KNOWN_SYSTEMS.get(system, system)
 
 
 def _path(resource_type: str, loc: Sequence[Any]) -> str:
@@ -686,7 +672,8 @@ class FhirMapper:
     def _identifiers(self, identifiers: Any) -> tuple[PatientIdentifier, ...]:
         """Patient identifiers: an NHS number (system https://fhir.nhs.uk/Id/nhs-number) only
         after the modulus-11 check, as HL7 does; a urn:safetynet:authority:<X> system becomes
-        the authority X, so that HL7 and FHIR identifiers give the same alias tokens."""
+        the authority X (`authority_of`), so that HL7 and FHIR identifiers give the same alias
+        tokens."""
         out = []
         for ident in identifiers or []:
             value = (ident.value or "").strip()
@@ -704,9 +691,7 @@ class FhirMapper:
                     # Kept as a local identifier, never trusted (as HL7 does).
                     out.append(PatientIdentifier(value, "NHS-unverified", type_code))
                 continue
-            if system.startswith(AUTHORITY_PREFIX):
-                system = system[len(AUTHORITY_PREFIX) :]
-            out.append(PatientIdentifier(value, system, type_code))
+            out.append(PatientIdentifier(value, authority_of(system), type_code))
         return tuple(out)
 
     def _patient_of(self, model: Any, where: str) -> Patient:
@@ -791,7 +776,7 @@ class FhirMapper:
                 parts = [*(human.prefix or []), *(human.given or []), human.family or ""]
                 name = human.text or " ".join(p for p in parts if p)
         if ident is not None and ident.value:
-            return Clinician(str(ident.value), name, _authority(ident.system))
+            return Clinician(str(ident.value), name, authority_of(ident.system))
         return Clinician("", name, "") if name else None
 
     def _common(self, context: _Context, patient: Patient | None, encounter: str) -> dict[str, Any]:
@@ -964,7 +949,7 @@ class FhirMapper:
         for ident in identifiers:
             if ident is None or not ident.value:
                 continue
-            pair = (str(ident.value), _authority(ident.system))
+            pair = (str(ident.value), authority_of(ident.system))
             kind = _type_code(ident.type)
             if kind == "PLAC" and placer is None:
                 placer = pair

@@ -29,6 +29,8 @@ KNOWN_AUTHORITIES = {
     "GMC": "https://fhir.hl7.org.uk/Id/gmc-number",
     "NMC": "https://fhir.hl7.org.uk/Id/nmc-number",
 }
+_AUTHORITY_OF = {system: authority for authority, system in KNOWN_AUTHORITIES.items()}
+AUTHORITY_PREFIX = "urn:safetynet:authority:"  # the local URN of any other authority
 
 
 def authority_system(authority: str) -> str:
@@ -37,7 +39,17 @@ def authority_system(authority: str) -> str:
         return KNOWN_AUTHORITIES[authority]
     if authority.startswith(("http://", "https://", "urn:")):
         return authority
-    return f"urn:safetynet:authority:{authority or 'unknown'}"
+    return f"{AUTHORITY_PREFIX}{authority or 'unknown'}"
+
+
+def authority_of(system: str | None) -> str:
+    """The HL7 assigning authority for an identifier system: the inverse of
+    `authority_system`, so that FHIR and HL7 v2 feeds name patients, orders and clinicians
+    alike (`urn:safetynet:authority:RIS` -> "RIS", the GMC number system -> "GMC")."""
+    system = (system or "").strip()
+    if system.startswith(AUTHORITY_PREFIX):
+        return system[len(AUTHORITY_PREFIX) :]
+    return _AUTHORITY_OF.get(system, system)
 
 
 def _typed(code: str, system: str, value: str) -> dict[str, Any]:
