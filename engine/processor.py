@@ -556,17 +556,7 @@ class Processor:
         if self._restatus is None:
             raise RuleEvaluationError("this processor was built without a TaskRestatus port")
         uow.put_task(
-            StoredTask(
-                identifier=stored.identifier,
-                patient_key=stored.patient_key,
-                rule_id=stored.rule_id,
-                rule_version=stored.rule_version,
-                status=update.status,
-                priority=stored.priority,
-                owner=stored.owner,
-                resource=self._restatus(stored.resource, update),
-                shadow=stored.shadow,
-            ),
+            replace(stored, status=update.status, resource=self._restatus(stored.resource, update)),
             at=now,
             reason=(
                 f"moved to the surviving patient by {actor}"
