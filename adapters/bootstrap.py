@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from adapters.fhir.task import task_resource, task_restatus
 from adapters.hl7v2.mapping import Mapper, MappingSettings
-from adapters.ingest import Hl7Ingest, IngestPolicy
+from adapters.ingest import Hl7Ingest, IngestPolicy, StoredMessageProcessor
 from adapters.store import SqlStore, open_store
 from engine.catalogue import Catalogue, load_catalogue
 from engine.clock import SimulatedClock
@@ -78,6 +78,8 @@ class LiveParts:
     catalogue: Catalogue
     ingest: Hl7Ingest
     clock: SimulatedClock
+    # Inbox processors of the other protocols ("fhir", "task"), by inbox `protocol`.
+    protocols: dict[str, StoredMessageProcessor] = field(default_factory=dict)
 
 
 class LiveSettings(Protocol):

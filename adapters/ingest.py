@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from adapters.errors import AdapterError, UnsupportedMessage
 from adapters.hl7v2.er7 import Hl7ReadError, Message, read_message
@@ -73,6 +73,14 @@ class IngestPolicy:
     def __post_init__(self) -> None:
         if self.unsupported not in ("reject", "accept"):
             raise ValueError(f"unsupported must be 'reject' or 'accept', not {self.unsupported!r}")
+
+
+class StoredMessageProcessor(Protocol):
+    """Processes one inbox row of its protocol (the live worker calls it; see the worker)."""
+
+    def process_stored(
+        self, uow: UnitOfWork, inbox_id: int, raw: str, received_at: datetime
+    ) -> IngestResult: ...
 
 
 NowFor = Callable[[Sequence[Event]], datetime]

@@ -20,13 +20,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from multiprocessing.context import BaseContext
 from typing import Any
 
-from adapters.ingest import Hl7Ingest
+from adapters.ingest import Hl7Ingest, StoredMessageProcessor
 from adapters.outbox.destinations import destination_from_url
 from adapters.outbox.dispatcher import Dispatcher
 from adapters.store import SqlStore
@@ -156,9 +156,13 @@ class Worker:
         on_state: Callable[[int], None] = lambda state: None,
         on_poison: Callable[[], None] = lambda: None,
         listener_busy: Callable[[], bool] | None = None,
+        protocols: Mapping[str, StoredMessageProcessor] | None = None,
     ) -> None:
         self._store = store
         self._ingest = ingest
+        # Inbox rows by protocol: HL7 v2 is `ingest`; FHIR resources and Task changes from the
+        # HTTP API have their own processors (they share `ingest.processor`).
+        self._protocols: dict[str, StoredMessageProcessor] = {"hl7v2": ingest, **(protocols or {})}
         self._settings = settings
         self._now = now
         self._clock = clock or SimulatedClock()
@@ -252,7 +256,13 @@ class Worker:
             if done and (time.monotonic() > deadline or self._listener_waiting()):
                 break  # the rest stay "received" for the next transaction
             done += 1
-            result = self._ingest.process_stored(uow, message.id, message.raw, message.received_at)
+            handler = self._protocols.get(message.protocol)
+            if handler is None:
+                reason = f"no processor for protocol {message.protocol!r}: needs review"
+                uow.quarantine(message.id, reason, "AR", "", {}, self._now())
+                uow.set_inbox_state(message.id, "quarantined", reason)
+                continue
+            result = handler.process_stored(uow, message.id, message.raw, message.received_at)
             if result.ack_code != "AA":
                 log.warning(
                     "message not processed",
@@ -401,6 +411,7 @@ def worker_main(settings: WorkerSettings, shared: WorkerShared) -> None:
         on_state=on_state,
         on_poison=on_poison,
         listener_busy=shared.listener_busy if parts.store.dialect == "sqlite" else None,
+        protocols=parts.protocols,
     )
     log.info("worker started", extra={"worker_pid": os.getpid()})
     parent = os.getppid()

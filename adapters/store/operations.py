@@ -39,6 +39,7 @@ class PendingMessage:
     raw: str
     received_at: datetime
     attempts: int
+    protocol: str = "hl7v2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,13 @@ def pending(uow: SqlUnitOfWork, limit: int) -> list[PendingMessage]:
     A message that a processor has already started (attempts > 0) and not finished may have
     crashed it: it is returned alone, so that it cannot take a batch down with it again."""
     rows = uow.connection.execute(
-        select(_inbox.c.id, _inbox.c.raw, _inbox.c.received_at, _inbox.c.attempts)
+        select(
+            _inbox.c.id,
+            _inbox.c.raw,
+            _inbox.c.received_at,
+            _inbox.c.attempts,
+            _inbox.c.protocol,
+        )
         .where(_inbox.c.state == "received")
         .order_by(_inbox.c.id)
         .limit(limit)

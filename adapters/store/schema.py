@@ -34,6 +34,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 __all__ = [
     "TASK_CLOSED_STATUSES",
     "UTCDateTime",
+    "api_tokens",
     "audit",
     "due",
     "facts",
@@ -280,3 +281,25 @@ leases = Table(
     Column("expires_at", UTCDateTime(), nullable=False),
     Column("acquired_at", UTCDateTime(), nullable=False),
 )
+
+# --- issue 4: authentication -------------------------------------------------------------
+# Bearer tokens for the HTTP API. Only the SHA-256 of a token is kept (tokens are 256-bit
+# random strings, so a fast hash is enough: there is nothing to brute-force). `roles`: a
+# comma-separated list; `practitioner`: the Task owner a clinician token acts as.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("name", Text(), nullable=False, unique=True),
+    Column("token_hash", Text(), nullable=False, unique=True),
+    Column("roles", Text(), nullable=False),
+    Column("practitioner", Text(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+)
+
+# --- issue 4: FHIR inbound (0004_fhir) ------------------------------------------------------
+
+# --- issue 4: FHIR subscriptions (0005_subscriptions) ---------------------------------------
+
+# --- issue 6: governance (0006_governance) --------------------------------------------------
