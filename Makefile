@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test check lint typecheck bench clean
+.PHONY: setup run demo test check lint typecheck bench safety-case clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,11 @@ check: lint typecheck test
 bench: setup
 	$(BIN)/python bench/bench_replay.py
 	$(BIN)/python bench/bench_serve.py
+
+# Regenerate the clinical safety case summary from the hazard log (for each release).
+safety-case: setup
+	$(BIN)/safetynet safety check
+	$(BIN)/safetynet safety report --out safety/safety-case.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache var

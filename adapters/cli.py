@@ -6,6 +6,7 @@
     safetynet quarantine list [--all] | show ID | retry ID [--by NAME]   [--db URL]
     safetynet outbox status [--db URL]
     safetynet rules list [--rules DIR] [--format text|json]
+    safetynet safety check|report [--log FILE] [--out FILE]
     safetynet synth OUT [--patients N] [--seed S] [--days D]
 
 Commands that read the service's database take `--db`, else `SAFETYNET_DB`, else the embedded
@@ -381,6 +382,51 @@ def rules_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+SAFETY_LOG = Path(__file__).resolve().parents[1] / "safety" / "hazard-log.toml"
+
+
+def safety_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """`safety check`: the hazard log's problems (exit 1 if any); `safety report`: the safety
+    case summary generated from it."""
+    from adapters.governance.safety_case import (
+        HazardLogError,
+        check_log,
+        load_log,
+        render_summary,
+    )
+
+    path = Path(args.log)
+    try:
+        log = load_log(path)
+    except HazardLogError as exc:
+        raise CliError(str(exc)) from exc
+    if args.action == "check":
+        problems = check_log(log, path.resolve().parents[1])
+        for problem in problems:
+            err.write(f"{path}: {problem}\n")
+        out.write(
+            f"{len(log.hazards)} hazards, "
+            f"{sum(len(h.controls) for h in log.hazards)} controls: "
+            + (f"{len(problems)} problems\n" if problems else "every control names a test\n")
+        )
+        return 1 if problems else 0
+    summary = render_summary(log, args.release or _version())
+    if args.out:
+        Path(args.out).write_text(summary, encoding="utf-8")
+    else:
+        out.write(summary)
+    return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("safetynet")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (documented in --help)."""
     top = argparse.ArgumentParser(prog="safetynet", description=__doc__.split("\n")[0])
@@ -436,6 +482,12 @@ def parser() -> argparse.ArgumentParser:
     rl.add_argument("--rules", default=str(default_rules_dir()), help="rules folder")
     rl.add_argument("--format", choices=("text", "json"), default="text")
     rl.set_defaults(func=rules_list)
+    sa = sub.add_parser("safety", help="the clinical safety case (DCB0129 hazard log)")
+    sa.add_argument("action", choices=("check", "report"))
+    sa.add_argument("--log", default=str(SAFETY_LOG), help="hazard log (TOML)")
+    sa.add_argument("--out", help="report: write the summary here (default: stdout)")
+    sa.add_argument("--release", help="report: the release it is for (default: this version)")
+    sa.set_defaults(func=safety_command)
     sp = sub.add_parser("synth", help="write synthetic HL7 v2 traffic")
     sp.add_argument("out", help="output file")
     sp.add_argument("--patients", type=int, default=1000, help="number of visits")
