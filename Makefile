@@ -39,6 +39,8 @@ check: lint typecheck test
 bench: setup
 	$(BIN)/python bench/bench_replay.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_fhir.py
+	$(BIN)/python bench/bench_backtest.py
 
 # Regenerate the clinical safety case summary from the hazard log (for each release).
 safety-case: setup

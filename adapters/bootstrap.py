@@ -12,7 +12,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from adapters.fhir.inbound import PROTOCOL as FHIR_PROTOCOL
+from adapters.fhir.inbound import FhirIngest
+from adapters.fhir.mapping import FhirMapper, FhirMappingSettings
 from adapters.fhir.task import task_resource, task_restatus
+from adapters.fhir.task_change import TASK_PROTOCOL, TaskChangeProcessor
 from adapters.hl7v2.mapping import Mapper, MappingSettings
 from adapters.ingest import Hl7Ingest, IngestPolicy, StoredMessageProcessor
 from adapters.store import SqlStore, open_store
@@ -113,4 +117,10 @@ def build_live_parts(settings: LiveSettings) -> LiveParts:
             clock.advance(min(event.occurred_at, wall))
         return clock.now() if clock.started else wall
 
-    return LiveParts(store, catalogue, Hl7Ingest(processor, mapper, now_for, policy), clock)
+    parts = LiveParts(store, catalogue, Hl7Ingest(processor, mapper, now_for, policy), clock)
+    # Task status changes from the HTTP API (issue 4): the same processor and processing time.
+    parts.protocols[TASK_PROTOCOL] = TaskChangeProcessor(processor, now_for)
+    # FHIR resources from the HTTP API and Subscriptions (issue 4): applied as HL7 v2's are.
+    fhir_mapper = FhirMapper(FhirMappingSettings.for_site(catalogue.site))
+    parts.protocols[FHIR_PROTOCOL] = FhirIngest(fhir_mapper, parts.ingest)
+    return parts

@@ -25,6 +25,11 @@ the Tasks expected at the end (none for a "no-recall" case):
     priority = "urgent"
     owner = "C1001"
     status = "requested"                  # the Task's status at the end (default: any)
+    within = "24 hours"                   # its deadline after it was raised (default: any)
+
+An `[[expect]]` table may hold only these keys (and `part_of`, the rule whose Task this one
+is part of): a misspelt key would otherwise be ignored and the case would test less than it
+says.
 
 A case may name a second identity, `[prior_patient]`, for a merge: events with
 `as = "prior"` are sent under it, and a `merged` event merges it into `[patient]`. Events with
@@ -32,22 +37,25 @@ A case may name a second identity, `[prior_patient]`, for a merge: events with
 
 The events are canonical events (engine.events), so a case says what happened clinically,
 not how a feed encoded it. Running a case uses a fresh in-memory database, the rules folder's
-own settings and the simulated clock, exactly as `safetynet replay` does.
+own settings and the simulated clock, exactly as `safetynet replay` does. The result lists
+each `Difference` between the Tasks raised and those expected as a sentence a clinician can
+read ("expected an urgent Task from ... owned by the attending (C1001); none was raised").
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from adapters.fhir.task import task_resource, task_restatus
 from adapters.store import open_store
-from engine.catalogue import Catalogue
+from engine.catalogue import Catalogue, Site
 from engine.clock import SimulatedClock
 from engine.errors import ConfigurationError
 from engine.events import (
@@ -76,6 +84,7 @@ from engine.events import (
 )
 from engine.ports import StoredTask, UnitOfWork
 from engine.processor import Processor
+from engine.tasks import PRIORITIES
 
 EVENT_TYPES = (
     "registered",
@@ -97,6 +106,24 @@ EVENT_TYPES = (
     "released",
 )
 KINDS = ("recall", "no-recall")
+CASE_KEYS = ("description", "kind", "until", "patient", "prior_patient", "events", "expect")
+EXPECT_KEYS = ("rule", "order", "priority", "owner", "part_of", "status", "within")
+# FHIR Task statuses, in words a clinician uses.
+TASK_STATUS_WORDS = {
+    "draft": "not yet issued",
+    "requested": "waiting for its owner to accept it",
+    "received": "received, not yet accepted",
+    "ready": "ready, not yet accepted",
+    "accepted": "accepted by its owner",
+    "in-progress": "being worked on",
+    "on-hold": "on hold",
+    "completed": "done",
+    "cancelled": "withdrawn",
+    "rejected": "declined by its owner",
+    "failed": "failed",
+    "entered-in-error": "entered in error",
+}
+_WITHIN = re.compile(r"^\s*(\d+)\s*(minute|hour|day)s?\s*$")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +145,7 @@ class Expectation:
     owner: str | None = None
     part_of: str | None = None  # the rule whose Task this one is part of
     status: str | None = None
+    within: timedelta | None = None  # the Task's deadline, counted from when it was raised
 
 
 @dataclass(frozen=True)
@@ -133,17 +161,41 @@ class Case:
 
 
 @dataclass(frozen=True)
+class Difference:
+    """One way the Tasks raised differ from those a case expects.
+
+    `kind` is "missing" (an expected Task was not raised), "unexpected" (a Task nobody
+    expected), or the detail of an expected Task that differs: "priority", "owner", "status",
+    "deadline", "part_of". `expected` and `actual` are that detail in words; `task` is the Task
+    concerned, when one was raised; `text` is the whole difference as one plain sentence.
+    """
+
+    kind: str
+    rule: str
+    order: str
+    expected: str
+    actual: str
+    text: str
+    task: StoredTask | None = None
+
+
+@dataclass(frozen=True)
 class CaseResult:
     """What running a case gave, and how it differs from what was expected."""
 
     case: Case
     tasks: tuple[StoredTask, ...]
-    problems: tuple[str, ...]
+    differences: tuple[Difference, ...]
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """Each difference as a sentence."""
+        return tuple(d.text for d in self.differences)
 
     @property
     def passed(self) -> bool:
         """True when the Tasks raised are exactly the ones expected."""
-        return not self.problems
+        return not self.differences
 
 
 def _time(value: Any, where: str) -> datetime:
@@ -312,16 +364,13 @@ def load_case(path: Path, tz: ZoneInfo) -> Case:
             build_event(row, patient, n, tz, prior)
             for n, row in enumerate(raw.get("events", []), 1)
         )
-        expect = tuple(
-            Expectation(
-                str(e["rule"]),
-                str(e.get("order", "")),
-                e.get("priority"),
-                e.get("owner"),
-                e.get("part_of"),
-                e.get("status"),
+        unknown = sorted(set(raw) - set(CASE_KEYS))
+        if unknown:
+            raise ConfigurationError(
+                f"unknown key {unknown[0]!r} (a case has {', '.join(CASE_KEYS)})"
             )
-            for e in raw.get("expect", [])
+        expect = tuple(
+            _expectation(e, n) for n, e in enumerate(_tables(raw.get("expect", []), "expect"), 1)
         )
         if (kind == "recall") != bool(expect):
             raise ConfigurationError(
@@ -335,17 +384,97 @@ def load_case(path: Path, tz: ZoneInfo) -> Case:
     return Case(path, str(raw.get("description", "")), kind, until, events, expect)
 
 
+def _tables(value: Any, name: str) -> list[Mapping[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigurationError(f"{name} must be a list of tables ([[{name}]])")
+    return value
+
+
+def _expectation(row: Mapping[str, Any], n: int) -> Expectation:
+    """One `[[expect]]` table, every key checked: a typo must not weaken the case."""
+    where = f"expect {n}"
+    unknown = sorted(set(row) - set(EXPECT_KEYS))
+    if unknown:
+        raise ConfigurationError(
+            f"{where}: unknown key {unknown[0]!r} (an expectation has {', '.join(EXPECT_KEYS)})"
+        )
+    if not row.get("rule"):
+        raise ConfigurationError(f"{where}: needs the rule whose Task is expected")
+    priority = row.get("priority")
+    if priority is not None and priority not in PRIORITIES:
+        raise ConfigurationError(
+            f"{where}: priority must be one of {', '.join(PRIORITIES)}, not {priority!r}"
+        )
+    status = row.get("status")
+    if status is not None and status not in TASK_STATUS_WORDS:
+        raise ConfigurationError(f"{where}: {status!r} is not a FHIR Task status")
+    within = None
+    if "within" in row:
+        found = _WITHIN.match(str(row["within"]))
+        if found is None:
+            raise ConfigurationError(
+                f'{where}: within must read like "24 hours", "30 minutes" or "14 days", '
+                f"not {row['within']!r}"
+            )
+        within = timedelta(**{f"{found.group(2)}s": int(found.group(1))})
+    return Expectation(
+        str(row["rule"]),
+        str(row.get("order", "")),
+        priority,
+        None if row.get("owner") is None else str(row["owner"]),
+        None if row.get("part_of") is None else str(row["part_of"]),
+        status,
+        within,
+    )
+
+
 def _a(word: str) -> str:
     return f"an {word}" if word[:1] in "aeiou" else f"a {word}"
 
 
-def _describe(task: StoredTask) -> str:
-    order = _order_of(task)
-    return (
-        f"{_a(task.priority)} Task from {task.rule_id}"
-        + (f" for order {order}" if order else "")
-        + f" owned by {task.owner}"
-    )
+def duration_words(span: timedelta) -> str:
+    """A time span as a clinician says it: "30 minutes", "24 hours", "14 days"."""
+    minutes = int(span.total_seconds() // 60)
+    hours = minutes // 60
+    if minutes % 60:
+        amount, unit = minutes, "minute"
+    elif hours > 72 and hours % 24 == 0:  # up to 72, clinicians count in hours
+        amount, unit = hours // 24, "day"
+    else:
+        amount, unit = hours, "hour"
+    return f"{amount} {unit}{'' if amount == 1 else 's'}"
+
+
+def _deadline_after_raised(task: StoredTask) -> timedelta | None:
+    end = task.resource.get("restriction", {}).get("period", {}).get("end")
+    raised = task.resource.get("authoredOn")
+    if not end or not raised:
+        return None
+    return datetime.fromisoformat(end) - datetime.fromisoformat(raised)
+
+
+class _Names:
+    """Who a clinician or pool id is in a case, in words: "the attending (C1001)"."""
+
+    def __init__(self, case: Case, site: Site) -> None:
+        self.known: dict[str, str] = {}
+        for event in case.events:  # the case's own people first: that is what a case is about
+            visit = getattr(event, "visit", None)
+            if visit is not None and visit.attending is not None:
+                self.known.setdefault(visit.attending.id, "the attending")
+            orderer = getattr(event, "orderer", None)
+            if orderer is not None:
+                self.known.setdefault(orderer.id, "the ordering clinician")
+        for role, (holder, _pool) in site.directory.roles.items():
+            self.known.setdefault(holder.id, "the " + role.replace("-", " "))
+        pool = site.pool.name or "pool"
+        if pool[:1].isupper() and pool[1:2].islower():
+            pool = pool[0].lower() + pool[1:]
+        self.known.setdefault(site.pool.id, f"the {pool}")
+
+    def __call__(self, ident: str) -> str:
+        role = self.known.get(ident)
+        return f"{role} ({ident})" if role else ident
 
 
 def _order_of(task: StoredTask) -> str:
@@ -390,7 +519,8 @@ def run_case(case: Case, catalogue: Catalogue) -> CaseResult:
     # A case speaks for its own rule (the folder it lives in) and the rules it names.
     relevant = {case.path.parent.parent.name} | {e.rule for e in case.expect}
     tasks = [t for t in tasks if t.rule_id in relevant]
-    return CaseResult(case, tuple(tasks), tuple(_compare(case.expect, tasks)))
+    names = _Names(case, catalogue.site)
+    return CaseResult(case, tuple(tasks), tuple(_compare(case.expect, tasks, names)))
 
 
 def held_message(
@@ -405,8 +535,61 @@ def held_message(
     return processor.mark_complete(uow, event.inbox, sorted(set(keys.values())), now)
 
 
-def _compare(expected: Sequence[Expectation], tasks: Sequence[StoredTask]) -> list[str]:
-    problems: list[str] = []
+def _details(
+    exp: Expectation, found: StoredTask, tasks: Sequence[StoredTask], names: _Names
+) -> list[tuple[str, str, str, str]]:
+    """How an expected Task that was raised differs from the expectation: (kind, expected,
+    actual, sentence) for each detail."""
+    out: list[tuple[str, str, str, str]] = []
+    if exp.priority and found.priority != exp.priority:
+        out.append(
+            (
+                "priority",
+                exp.priority,
+                found.priority,
+                f"expected priority {exp.priority}; got {found.priority}",
+            )
+        )
+    if exp.owner and found.owner != exp.owner:
+        want, got = names(exp.owner), names(found.owner)
+        out.append(("owner", want, got, f"expected it to be owned by {want}; it is owned by {got}"))
+    if exp.status and found.status != exp.status:
+        want = f"{exp.status} ({TASK_STATUS_WORDS.get(exp.status, exp.status)})"
+        got = f"{found.status} ({TASK_STATUS_WORDS.get(found.status, found.status)})"
+        out.append(("status", want, got, f"expected status {want}; got {got}"))
+    if exp.within is not None:
+        span = _deadline_after_raised(found)
+        if span != exp.within:
+            want = duration_words(exp.within)
+            got = duration_words(span) if span is not None else "no deadline"
+            out.append(
+                (
+                    "deadline",
+                    want,
+                    got,
+                    f"expected it to be due within {want} of being raised; "
+                    + (f"it is due {got} after" if span is not None else "it has no deadline"),
+                )
+            )
+    if exp.part_of:
+        parents = [t for t in tasks if t.rule_id == exp.part_of and _order_of(t) == exp.order]
+        refs = {p["identifier"]["value"] for p in found.resource.get("partOf", [])}
+        if not any(p.identifier in refs for p in parents):
+            out.append(
+                (
+                    "part_of",
+                    f"part of the {exp.part_of} Task",
+                    "not part of it",
+                    f"expected it to be part of the {exp.part_of} Task; it is not",
+                )
+            )
+    return out
+
+
+def _compare(
+    expected: Sequence[Expectation], tasks: Sequence[StoredTask], names: _Names
+) -> list[Difference]:
+    differences: list[Difference] = []
     unmatched = list(tasks)
     for exp in expected:
         # Of several Tasks of one rule for one order (e.g. one for the clinician and one for
@@ -416,27 +599,38 @@ def _compare(expected: Sequence[Expectation], tasks: Sequence[StoredTask]) -> li
         found = candidates[0] if candidates else None
         about = f" for order {exp.order}" if exp.order else ""
         if found is None:
-            what = f"{_a(exp.priority + ' Task') if exp.priority else 'a Task'} from {exp.rule}"
-            problems.append(f"expected {what}{about}; none was raised")
+            what = (
+                f"{_a(exp.priority + ' Task') if exp.priority else 'a Task'} from {exp.rule}"
+                + about
+                + (f", owned by {names(exp.owner)}" if exp.owner else "")
+                + (f", due within {duration_words(exp.within)}" if exp.within else "")
+            )
+            differences.append(
+                Difference(
+                    "missing", exp.rule, exp.order, what, "", f"expected {what}; none was raised"
+                )
+            )
             continue
         unmatched.remove(found)
-        if exp.priority and found.priority != exp.priority:
-            problems.append(
-                f"{exp.rule}{about}: expected priority {exp.priority}, got {found.priority}"
-            )
-        if exp.owner and found.owner != exp.owner:
-            problems.append(f"{exp.rule}{about}: expected owner {exp.owner}, got {found.owner}")
-        if exp.status and found.status != exp.status:
-            problems.append(f"{exp.rule}{about}: expected status {exp.status}, got {found.status}")
-        if exp.part_of:
-            parents = [t for t in tasks if t.rule_id == exp.part_of and _order_of(t) == exp.order]
-            refs = {p["identifier"]["value"] for p in found.resource.get("partOf", [])}
-            if not any(p.identifier in refs for p in parents):
-                problems.append(
-                    f"{exp.rule}{about}: expected it to be part of the {exp.part_of} Task"
-                )
-    problems.extend(f"did not expect {_describe(t)}" for t in unmatched)
-    return problems
+        differences.extend(
+            Difference(kind, exp.rule, exp.order, want, got, f"{exp.rule}{about}: {text}", found)
+            for kind, want, got, text in _details(exp, found, tasks, names)
+        )
+    for task in unmatched:
+        order = _order_of(task)
+        what = (
+            f"{_a(task.priority)} Task"
+            + (f" for order {order}" if order else "")
+            + f", owned by {names(task.owner)}"
+        )
+        said = str(task.resource.get("description", "")).strip()
+        text = (
+            f"expected no Task; {task.rule_id} raised {what}"
+            if not expected
+            else f"did not expect {what} from {task.rule_id}"
+        ) + (f': "{said}"' if said else "")
+        differences.append(Difference("unexpected", task.rule_id, order, "", what, text, task))
+    return differences
 
 
 def rule_cases(catalogue: Catalogue) -> dict[str, list[Path]]:

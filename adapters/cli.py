@@ -5,8 +5,15 @@
     safetynet tasks list [--status S] [--owner ID] [--format ndjson|text] [--db URL]
     safetynet quarantine list [--all] | show ID | retry ID [--by NAME]   [--db URL]
     safetynet outbox status [--db URL]
+    safetynet tokens create NAME --role ROLE [--practitioner ID] | revoke NAME | list  [--db URL]
     safetynet rules list [--rules DIR] [--format text|json]
+    safetynet rules test [DIR] [--rules DIR] [--rule ID]    (exit 1: a case failed; 2: unreadable)
+    safetynet rules check [--rules DIR] [--update-lock]     (exit 1: a problem was found)
+    safetynet rules approve RULE --version V --by NAME --reason TEXT [--rules DIR] [--db URL]
+    safetynet rules history [RULE] [--db URL]
     safetynet safety check|report [--log FILE] [--out FILE]
+    safetynet backtest PATH... --rules DIR [--baseline DIR] --out report.html [--until ISO-8601]
+                       [--csv DIR] [--json FILE] [--quiet]
     safetynet synth OUT [--patients N] [--seed S] [--days D]
 
 Commands that read the service's database take `--db`, else `SAFETYNET_DB`, else the embedded
@@ -199,6 +206,16 @@ def _replay(
     printer.finish()
 
 
+def backtest(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Replay an archive under candidate (and baseline) rules; write the report."""
+    from adapters.governance.backtest import BacktestError, command
+
+    try:
+        return command(args, out, err)
+    except BacktestError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def synth(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Write synthetic HL7 v2 traffic to a file."""
     from adapters.synth import SynthConfig, synth_to_file
@@ -341,6 +358,43 @@ def outbox_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def rules_approve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Record a governance approval of one rule version (with its parameters) going active."""
+    from adapters.governance import approvals
+
+    try:
+        catalogue = load_catalogue(Path(args.rules))
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+    store = _open(args)
+    try:
+        found = approvals.approve(
+            store, catalogue, args.rule, args.version, args.by, args.reason, datetime.now(UTC)
+        )
+    except approvals.ApprovalRefused as exc:
+        raise CliError(str(exc)) from exc
+    finally:
+        store.close()
+    out.write(f"recorded {approvals.render_approval(found)}\n")
+    return 0
+
+
+def rules_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Which rule versions, statuses and parameters were in force when, and the approvals."""
+    from adapters.governance import approvals
+
+    store = _open(args)
+    try:
+        history = approvals.load_history(store)
+    finally:
+        store.close()
+    try:
+        out.write(approvals.render_history(history, args.rule))
+    except LookupError as exc:
+        raise CliError(str(exc.args[0])) from exc
+    return 0
+
+
 def rules_list(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Every rule: id, version, status, and each parameter's value and where it came from."""
     try:
@@ -427,6 +481,26 @@ def _version() -> str:
         return "0+unknown"
 
 
+def rules_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Run rule cases; say in plain words how each one differs from what it expects."""
+    from adapters.governance.rule_tools import test_command
+
+    try:
+        return test_command(args.dir, args.rules, args.rule, default_rules_dir(), out)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def rules_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Check rule cards, cases, READMEs and the version lock (adapters.governance)."""
+    from adapters.governance.rule_tools import check_command
+
+    try:
+        return check_command(Path(args.rules), args.update_lock, out)
+    except ConfigurationError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser (documented in --help)."""
     top = argparse.ArgumentParser(prog="safetynet", description=__doc__.split("\n")[0])
@@ -476,18 +550,76 @@ def parser() -> argparse.ArgumentParser:
     ob.add_argument("action", choices=("status",))
     ob.add_argument("--db", help=db_help)
     ob.set_defaults(func=outbox_status)
+    from adapters.service.tokens_cli import add_tokens_parser
+
+    add_tokens_parser(sub, db_help)
     ru = sub.add_parser("rules", help="the rule catalogue")
     ru_sub = ru.add_subparsers(dest="action", required=True)
     rl = ru_sub.add_parser("list", help="every rule with its status and parameters")
     rl.add_argument("--rules", default=str(default_rules_dir()), help="rules folder")
     rl.add_argument("--format", choices=("text", "json"), default="text")
     rl.set_defaults(func=rules_list)
+    rt = ru_sub.add_parser(
+        "test",
+        help="run every rule case; say in plain words what differs from what it expects",
+        description="Run rule cases through the real engine with the rules folder's settings. "
+        "Exit 0: all passed; 1: a case failed; 2: a case file could not be read.",
+    )
+    rt.add_argument(
+        "dir",
+        nargs="?",
+        metavar="DIR",
+        help="a rules folder, one rule's folder or one case file (default: all of --rules)",
+    )
+    rt.add_argument(
+        "--rules", help="rules folder (default: the one DIR is in, else the bundled rules/)"
+    )
+    rt.add_argument("--rule", metavar="ID", help="only this rule's cases")
+    rt.set_defaults(func=rules_test)
+    rc = ru_sub.add_parser(
+        "check",
+        help="check rule.toml, cases, READMEs and that changed rules have a new version",
+        description="Check every rule folder: rule.toml, both kinds of case, the README's "
+        "parameter table, and rule-versions.lock. Exit 1 when anything is wrong.",
+    )
+    rc.add_argument("--rules", default=str(default_rules_dir()), help="rules folder")
+    rc.add_argument(
+        "--update-lock",
+        action="store_true",
+        help="record new rule versions in the rules folder's rule-versions.lock",
+    )
+    rc.set_defaults(func=rules_check)
+    ra = ru_sub.add_parser(
+        "approve", help="record an approval of a rule version going active (governance)"
+    )
+    ra.add_argument("rule", metavar="RULE", help="the rule's id")
+    ra.add_argument("--version", required=True, help="the version approved (as in rule.toml)")
+    ra.add_argument("--by", required=True, help="who approves (name and role)")
+    ra.add_argument("--reason", required=True, help="why: the review or backtest it rests on")
+    ra.add_argument("--rules", default=str(default_rules_dir()), help="the service's rules")
+    ra.add_argument("--db", help=db_help)
+    ra.set_defaults(func=rules_approve)
+    rh = ru_sub.add_parser("history", help="rule versions, statuses and parameters in force when")
+    rh.add_argument("rule", metavar="RULE", nargs="?", help="only this rule")
+    rh.add_argument("--db", help=db_help)
+    rh.set_defaults(func=rules_history)
     sa = sub.add_parser("safety", help="the clinical safety case (DCB0129 hazard log)")
     sa.add_argument("action", choices=("check", "report"))
     sa.add_argument("--log", default=str(SAFETY_LOG), help="hazard log (TOML)")
     sa.add_argument("--out", help="report: write the summary here (default: stdout)")
     sa.add_argument("--release", help="report: the release it is for (default: this version)")
     sa.set_defaults(func=safety_command)
+    from adapters.governance.backtest import add_arguments as add_backtest_arguments
+
+    bt = sub.add_parser(
+        "backtest",
+        help="replay an archive under candidate (and baseline) rules; write an HTML report",
+        description="Replay HL7 v2 archives with the simulated clock under the candidate rules "
+        "(and the baseline rules, each in its own temporary database) and write a "
+        "self-contained HTML report, with the same numbers as CSV and JSON.",
+    )
+    add_backtest_arguments(bt)
+    bt.set_defaults(func=backtest)
     sp = sub.add_parser("synth", help="write synthetic HL7 v2 traffic")
     sp.add_argument("out", help="output file")
     sp.add_argument("--patients", type=int, default=1000, help="number of visits")

@@ -566,7 +566,10 @@ class Processor:
         )
         detail: dict[str, Any] = {"from": stored.status}
         if update.reason:
-            detail["reason"] = update.reason[:200]
+            # A rule's reason is safetynet's own text; a clinician's is free text that may name
+            # the patient: the audit records only that one was given (the Task keeps the words).
+            own = actor.startswith("rule:") or actor == "engine"
+            detail["reason"] = update.reason[:200] if own else "(given; kept with the Task)"
         uow.audit(now, actor, action or f"task.{update.status}", stored.identifier, detail)
 
 

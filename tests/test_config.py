@@ -68,6 +68,14 @@ def test_lists_and_zero_timeouts_from_text() -> None:
         ([], {"SAFETYNET_BATCH": "x"}, "SAFETYNET_BATCH: 'x' is not valid"),
         (["--unsupported", "maybe"], {}, "must be reject or accept"),
         (["--tls-cert", "c.pem"], {}, "tls_cert and tls_key must be given together"),
+        (["--task-wait", "-1"], {}, "task_wait: -1.0 must be 0 or more"),
+        (["--jwks-url", "https://idp.example/jwks"], {}, "jwks_url: JWT validation needs"),
+        (["--jwt-audience", "safetynet"], {}, "jwt_audience given without jwks_url"),
+        (
+            ["--jwks-url", "https://i/jwks", "--jwt-issuer", "i", "--jwt-audience", "a"],
+            {"SAFETYNET_JWT_ALGORITHMS": "HS256"},
+            "must be asymmetric",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(argv: list[str], env: dict[str, str], message: str) -> None:

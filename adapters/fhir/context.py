@@ -31,7 +31,8 @@ class FhirApi:
 
     `notify`: wake the worker after an inbox write (serve: the worker's doorbell).
     `source_server`: base URL of the FHIR server whose Subscription notifications arrive
-    (id-only notifications are read from it, gaps recovered with `$status`/`$events`).
+    (id-only notifications are read from it, gaps recovered with `$status`/`$events`), with
+    `source_token` as its bearer token (if any) and `source_timeout` seconds per request.
     `task_wait`: seconds a Task status change waits for the worker to apply it before the
     answer is 202 (accepted, still queued) instead of 200 with the changed Task.
     `base_url`: the public base of `/fhir` for links (empty: taken from the request)."""
@@ -41,6 +42,8 @@ class FhirApi:
     mapper: FhirMapper
     notify: Callable[[], None] = lambda: None
     source_server: str = ""
+    source_token: str = ""
+    source_timeout: float = 10.0
     task_wait: float = 10.0
     base_url: str = ""
     now: Callable[[], datetime] = field(default=_wall)

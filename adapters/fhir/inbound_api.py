@@ -1,5 +1,247 @@
-"""(being written)"""
+"""FHIR resources in over HTTP: create, update, transaction/batch and $process-message.
 
-from fastapi import APIRouter
+    POST /fhir/{type}              create (type: Encounter, ServiceRequest, DiagnosticReport,
+                                   ImagingStudy, Patient, Flag); the sender's id is kept
+    PUT  /fhir/{type}/{id}         update (or create: the ids are the sending server's)
+    POST /fhir                     a transaction (all or nothing) or batch Bundle
+    POST /fhir/$process-message    a message Bundle (FHIR messaging, synchronous)
 
-router = APIRouter()
+Every write needs the `feed` role (admin passes). Each request is stored inbox-first in its
+own transaction by `adapters.fhir.inbound.FhirIngest` (which documents idempotency, versions,
+references and Bundles), answered once committed, and the worker is woken (`FhirApi.notify`)
+to process it. Answers (application/fhir+json):
+
+* 201 Created (new) or 200 OK (new version, or a redelivery answered as the first time), with
+  Location `[base]/Type/id/_history/N` and ETag `W/"N"`; the body as `Prefer: return=` asks:
+  `representation` (the default: the resource as stored, meta.versionId N), `minimal` (no
+  body) or `OperationOutcome` (what was done);
+* a transaction-response or batch-response Bundle (200), a response message (200);
+* errors as OperationOutcomes: 400 not JSON / not FHIR / an invalid resource (or a PUT whose
+  body id is not the URL's), 404 a resource type not taken (in a batch entry or message
+  entry; at the URL level, an unknown path), 415 not JSON, 422 a failed business check.
+  The input is kept (quarantine, or "unsupported") whatever the answer.
+
+Handlers are async only to read the raw body; the work runs in the thread pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from adapters.fhir.context import FhirApi, fhir_api
+from adapters.fhir.http import FhirResponse, operation_outcome
+from adapters.fhir.inbound import FhirIngest, FhirResult
+from adapters.fhir.mapping import SUPPORTED, FhirMappingError, parse_json
+from adapters.service.auth import Principal, require
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["FHIR: resources in"])
+
+Feed = Annotated[Principal, Depends(require("feed"))]
+Api = Annotated[FhirApi, Depends(fhir_api)]
+_STORED: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Stored: a new version, or a redelivery answered as the first time"},
+    201: {"description": "Created: stored for processing"},
+}
+
+
+def _ingest(request: Request, api: FhirApi) -> FhirIngest:
+    """The app's accept-only FhirIngest (the worker holds the processing one)."""
+    state = request.app.state
+    ingest: FhirIngest | None = getattr(state, "fhir_ingest", None)
+    if ingest is None or ingest.mapper is not api.mapper:
+        ingest = state.fhir_ingest = FhirIngest(api.mapper)
+    return ingest
+
+
+def _base(request: Request, api: FhirApi) -> str:
+    if api.base_url:
+        return api.base_url.rstrip("/")
+    return str(request.base_url).rstrip("/") + "/fhir"
+
+
+def _origin(request: Request) -> str:
+    client = request.client
+    return f"http:{client.host}" if client is not None else "http"
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _prefer(request: Request) -> str:
+    """The `return` preference (RFC 7240): minimal, representation or OperationOutcome."""
+    for part in request.headers.get("prefer", "").split(","):
+        name, _, value = part.partition("=")
+        if name.strip().lower() == "return":
+            return value.strip().strip('"')
+    return "representation"
+
+
+def _stored_view(resource: Mapping[str, Any], result: FhirResult) -> dict[str, Any]:
+    """The resource as this server holds it: its id (given, or assigned) and version."""
+    view = dict(resource)
+    view["id"] = result.resource_id
+    meta = view.get("meta")
+    meta = dict(meta) if isinstance(meta, Mapping) else {}
+    meta["versionId"] = str(result.version)
+    view["meta"] = meta
+    return view
+
+
+def _resource_answer(
+    request: Request, api: FhirApi, result: FhirResult, resource: Mapping[str, Any] | None
+) -> Response:
+    if not result.ok:
+        return FhirResponse(
+            result.outcome or operation_outcome("refused"), status_code=result.status
+        )
+    headers = {
+        "Location": f"{_base(request, api)}/{result.location}",
+        "ETag": f'W/"{result.version}"',
+    }
+    prefer = _prefer(request)
+    if prefer == "minimal":
+        return Response(status_code=result.status, headers=headers)
+    if prefer == "OperationOutcome" or resource is None:
+        again = " (received before: no second effect)" if result.duplicate else ""
+        body = operation_outcome(
+            f"stored as {result.location}{again}; it is processed in arrival order",
+            code="informational",
+            severity="information",
+        )
+        return FhirResponse(body, status_code=result.status, headers=headers)
+    return FhirResponse(_stored_view(resource, result), status_code=result.status, headers=headers)
+
+
+def _write(
+    request: Request,
+    api: FhirApi,
+    caller: Principal,
+    raw: bytes,
+    resource_type: str,
+    resource_id: str | None,
+) -> Response:
+    ingest = _ingest(request, api)
+    with api.store.begin() as uow:
+        result = ingest.accept_body(
+            uow,
+            raw,
+            api.now(),
+            sender=caller.subject,
+            resource_type=resource_type,
+            resource_id=resource_id,
+            origin=_origin(request),
+            media_type=_media_type(request),
+        )
+    api.notify()
+    resource = None
+    if result.ok:
+        try:
+            resource = parse_json(raw)
+        except FhirMappingError:
+            resource = None
+    return _resource_answer(request, api, result, resource)
+
+
+def _bundle(
+    request: Request, api: FhirApi, caller: Principal, raw: bytes, message: bool
+) -> Response:
+    ingest = _ingest(request, api)
+    with api.store.begin() as uow:
+        done = ingest.accept_bundle(
+            uow,
+            raw,
+            api.now(),
+            sender=caller.subject,
+            origin=_origin(request),
+            message=message,
+            base_url=_base(request, api),
+            media_type=_media_type(request),
+        )
+    api.notify()
+    return FhirResponse(done.body, status_code=done.status)
+
+
+def _create(resource_type: str) -> Callable[..., Coroutine[Any, Any, Response]]:
+    async def create(request: Request, api: Api, caller: Feed) -> Response:
+        raw = await request.body()
+        return await run_in_threadpool(_write, request, api, caller, raw, resource_type, None)
+
+    create.__name__ = f"create_{resource_type}"
+    create.__doc__ = (
+        f"Store a {resource_type} for processing (201 Created; its id, when it has one, is "
+        "kept: the sending server's)."
+    )
+    return create
+
+
+def _update(resource_type: str) -> Callable[..., Coroutine[Any, Any, Response]]:
+    async def update(resource_id: str, request: Request, api: Api, caller: Feed) -> Response:
+        raw = await request.body()
+        return await run_in_threadpool(
+            _write, request, api, caller, raw, resource_type, resource_id
+        )
+
+    update.__name__ = f"update_{resource_type}"
+    update.__doc__ = (
+        f"Store a new version of a {resource_type} (201 Created for one not seen before, "
+        "200 for an update); the body's id must be the URL's."
+    )
+    return update
+
+
+def install_routes(target: APIRouter) -> None:
+    """The create and update routes, one per supported type (explicit paths: a parameter in
+    the type position would shadow other routers' paths)."""
+    for kind in SUPPORTED:
+        target.add_api_route(
+            f"/{kind}",
+            _create(kind),
+            methods=["POST"],
+            summary=f"Create a {kind} (stored inbox-first, then processed)",
+            response_class=FhirResponse,
+            responses=_STORED,
+        )
+        target.add_api_route(
+            f"/{kind}/{{resource_id}}",
+            _update(kind),
+            methods=["PUT"],
+            summary=f"Update (or create) a {kind} by its id",
+            response_class=FhirResponse,
+            responses=_STORED,
+        )
+
+
+install_routes(router)
+
+
+@router.post(
+    "",
+    summary="A transaction (all or nothing) or batch Bundle of resources",
+    response_class=FhirResponse,
+)
+async def transaction_or_batch(request: Request, api: Api, caller: Feed) -> Response:
+    """A transaction is judged whole (one bad entry: 400 naming `Bundle.entry[i]`, nothing
+    stored but the Bundle, for review); a batch takes each entry on its own."""
+    raw = await request.body()
+    return await run_in_threadpool(_bundle, request, api, caller, raw, False)
+
+
+@router.post(
+    "/$process-message",
+    summary="A FHIR message (Bundle of type message, MessageHeader first), synchronously",
+    response_class=FhirResponse,
+)
+async def process_message(request: Request, api: Api, caller: Feed) -> Response:
+    """The response message (MessageHeader.response code ok, with an OperationOutcome of what
+    was stored and ignored); a message that cannot be taken is answered with an
+    OperationOutcome (400, 422) and kept for review."""
+    raw = await request.body()
+    return await run_in_threadpool(_bundle, request, api, caller, raw, True)

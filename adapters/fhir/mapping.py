@@ -50,6 +50,7 @@ or meta.lastUpdated) the Encounter is refused. Site codes come from settings.tom
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
@@ -352,9 +353,30 @@ def parse_json(raw: bytes | str) -> Mapping[str, Any]:
     except ValueError as exc:
         at = f" at character {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
         raise FhirMappingError(f"not JSON (a syntax error{at})", "") from exc
+    except RecursionError as exc:
+        raise FhirMappingError(f"JSON nested more than {MAX_DEPTH} levels deep", "") from exc
     if not isinstance(value, dict):
         raise FhirMappingError("a FHIR resource is a JSON object", "")
+    if _too_deep(value):
+        raise FhirMappingError(f"JSON nested more than {MAX_DEPTH} levels deep", "")
     return value
+
+
+MAX_DEPTH = 64  # FHIR resources, Bundles included, nest far less; deeper is an attack
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether `value` nests objects and arrays more than MAX_DEPTH deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return False
 
 
 def _codings(concepts: Any) -> list[Any]:
@@ -469,6 +491,54 @@ def _place(ref: Any) -> str:
     return reference.rsplit("/", 1)[-1] if "/" in reference else ""
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+
+
+def _control_character_at(resource: Mapping[str, Any], kind: str) -> str:
+    """The FHIRPath of the first string (or key) holding a control character, or ""."""
+    stack: list[tuple[Any, str]] = [(resource, kind)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if _CONTROL.search(item):
+                return where
+        elif isinstance(item, Mapping):
+            for key, value in item.items():
+                name = str(key)
+                if _CONTROL.search(name):
+                    return where
+                # A key that is no element name is not echoed (it may hold anything).
+                shown = name if name.lstrip("_").isidentifier() and len(name) <= 64 else "?"
+                stack.append((value, f"{where}.{shown}"))
+        elif isinstance(item, list):
+            stack.extend((value, f"{where}[{n}]") for n, value in enumerate(item))
+    return ""
+
+
+def validate_resource(resource: Mapping[str, Any], kind: str) -> Any:
+    """`resource` validated with the R4B model of `kind` (any resource type, e.g. a message's
+    MessageHeader). Raises FhirMappingError "invalid" naming the first error's location; its
+    text is the validator's message, never the input (the input may be patient data). The
+    models let control characters through; FHIR strings may not hold them (nor may the
+    database: PostgreSQL refuses NUL), so they are refused here."""
+    where = _control_character_at(resource, kind)
+    if where:
+        raise FhirMappingError(
+            "a string holds a control character (FHIR strings may hold only tab, CR and LF)",
+            where,
+        )
+    try:
+        return get_fhir_model_class(kind).model_validate(dict(resource))
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = _path(kind, errors[0]["loc"]) if errors else kind
+        message = str(errors[0]["msg"]) if errors else "invalid"
+        message = " ".join(message.split())[:160]
+        raise FhirMappingError(f"not a valid FHIR R4 {kind}: {message}", where) from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FhirMappingError(f"not a valid FHIR R4 {kind}", kind) from exc
+
+
 class BundleReferences(NamedTuple):
     """What the entries of one Bundle name: patients and encounters by the references other
     entries may use (fullUrl, and "Type/id")."""
@@ -532,6 +602,17 @@ def bundle_references(bundle: Mapping[str, Any], mapper: FhirMapper) -> BundleRe
 # --- the mapper -------------------------------------------------------------------------
 
 
+class Mapped(NamedTuple):
+    """One resource read (`FhirMapper.read`): its events, and what a literal reference to it
+    resolves to: a Patient's identity (`patient`, None for other types), an Encounter's visit
+    number (`visit_number`, "" for other types); `last_updated` its meta.lastUpdated."""
+
+    events: list[Event]
+    patient: Patient | None
+    visit_number: str
+    last_updated: datetime | None
+
+
 @dataclass(frozen=True, slots=True)
 class _Context:
     """One mapping call: the resource, its source and the caller's resolved references."""
@@ -564,6 +645,22 @@ class FhirMapper:
         `patients` and `encounters` resolve literal references ("Patient/123") the caller
         knows; `sender` names the client (default: meta.source, else "FHIR"). Raises
         FhirMappingError for anything that cannot be mapped."""
+        return self.read(
+            resource, received_at, patients=patients, encounters=encounters, sender=sender
+        ).events
+
+    def read(
+        self,
+        resource: Mapping[str, Any],
+        received_at: datetime,
+        *,
+        patients: Mapping[str, Patient] | None = None,
+        encounters: Mapping[str, str] | None = None,
+        sender: str = "",
+    ) -> Mapped:
+        """`events`, and what other resources' references to this one resolve to (a
+        Patient's identity, an Encounter's visit number) and its meta.lastUpdated, from one
+        validation of the resource (the inbound side keeps them; see adapters.fhir.inbound)."""
         model = self.parse(resource)
         kind = model.get_resource_type()
         status = getattr(model, "status", None)
@@ -590,7 +687,15 @@ class FhirMapper:
             "ImagingStudy": self._study,
             "Flag": self._flag,
         }[kind]
-        return handler(context)
+        events = handler(context)
+        patient = self._patient_of(model, "Patient") if kind == "Patient" else None
+        visit = ""
+        if kind == "Encounter":
+            try:
+                visit = self._visit_number(model)
+            except FhirMappingError:
+                visit = ""  # an "unknown" Encounter with nothing to name it: never referenced
+        return Mapped(events, patient, visit, self._updated(context))
 
     def parse(self, resource: Mapping[str, Any]) -> Any:
         """The resource validated with its R4B model. Raises FhirMappingError: "invalid" for
@@ -612,17 +717,7 @@ class FhirMapper:
             raise FhirMappingError(
                 f"resource type {kind} is not supported{hint}", kind, "not-supported"
             )
-        try:
-            return get_fhir_model_class(kind).model_validate(dict(resource))
-        except ValidationError as exc:
-            errors = exc.errors()
-            where = _path(kind, errors[0]["loc"]) if errors else kind
-            # The message, never the input: the input may be patient data.
-            message = str(errors[0]["msg"]) if errors else "invalid"
-            message = " ".join(message.split())[:160]
-            raise FhirMappingError(f"not a valid FHIR R4 {kind}: {message}", where) from exc
-        except (TypeError, ValueError) as exc:
-            raise FhirMappingError(f"not a valid FHIR R4 {kind}", kind) from exc
+        return validate_resource(resource, kind)
 
     def patient(self, resource: Mapping[str, Any]) -> Patient:
         """A Patient resource as the engine's Patient (identifiers, birth, sex)."""

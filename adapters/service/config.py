@@ -12,9 +12,18 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["OPTIONS", "ServeSettings", "add_serve_arguments", "load_serve_settings"]
+if TYPE_CHECKING:
+    from adapters.service.auth import JwtSettings
+
+__all__ = [
+    "OPTIONS",
+    "ServeSettings",
+    "add_serve_arguments",
+    "jwt_settings",
+    "load_serve_settings",
+]
 
 
 def _default_rules() -> str:
@@ -67,7 +76,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("mllp_host", str, "0.0.0.0", "MLLP listen address", "HOST"),
     Option("mllp_port", int, 2575, "MLLP listen port (0: any free port)", "PORT"),
     Option(
-        "http_host", str, "0.0.0.0", "HTTP listen address (/healthz, /readyz, /metrics)", "HOST"
+        "http_host",
+        str,
+        "0.0.0.0",
+        "HTTP listen address (/fhir, /healthz, /readyz, /metrics, /openapi.json)",
+        "HOST",
     ),
     Option("http_port", int, 8080, "HTTP listen port (0: any free port)", "PORT"),
     Option(
@@ -179,6 +192,88 @@ OPTIONS: tuple[Option, ...] = (
         "raise the silent-feed alarm for a sender silent this long (0: off)",
         "SECONDS",
     ),
+    Option(
+        "fhir_source",
+        str,
+        None,
+        "base URL of the FHIR server whose Subscription notifications arrive (id-only "
+        "notifications are read from it, gaps recovered with $status/$events)",
+        "URL",
+    ),
+    Option(
+        "fhir_source_token",
+        str,
+        None,
+        "bearer token sent to --fhir-source (if it needs one)",
+        "TOKEN",
+    ),
+    Option(
+        "fhir_source_timeout",
+        float,
+        10.0,
+        "seconds per request to --fhir-source before the notification is answered 503",
+        "SECONDS",
+    ),
+    Option(
+        "task_wait",
+        float,
+        10.0,
+        "seconds a Task status change waits for the processor before it is answered 202 "
+        "(queued) instead of 200 with the changed Task",
+        "SECONDS",
+    ),
+    Option(
+        "public_base_url",
+        str,
+        None,
+        "public base URL of /fhir for links and Locations (default: from the request)",
+        "URL",
+    ),
+    Option(
+        "jwks_url",
+        str,
+        None,
+        "accept JWT bearer tokens signed by a key of this JSON Web Key Set (http or https; "
+        "with --jwt-issuer and --jwt-audience); unset: safetynet tokens only",
+        "URL",
+    ),
+    Option("jwt_issuer", str, None, "the `iss` a JWT must carry", "ISSUER"),
+    Option("jwt_audience", str, None, "the `aud` a JWT must carry (this service)", "AUDIENCE"),
+    Option(
+        "jwt_roles_claim",
+        str,
+        "roles",
+        "the JWT claim holding safetynet roles (dotted for nested: realm_access.roles)",
+        "CLAIM",
+    ),
+    Option(
+        "jwt_scope_prefix",
+        str,
+        "safetynet/",
+        "a JWT scope <prefix><role> grants the role (empty: scopes grant nothing)",
+        "PREFIX",
+    ),
+    Option(
+        "jwt_practitioner_claim",
+        str,
+        "fhirUser",
+        "the JWT claim naming the Task owner id a clinician acts as (Practitioner/C9001)",
+        "CLAIM",
+    ),
+    Option(
+        "jwt_algorithms",
+        _list,
+        ("RS256", "ES256"),
+        "JWT signature algorithms accepted, comma-separated (asymmetric only)",
+        "ALGS",
+    ),
+    Option(
+        "jwks_cache",
+        float,
+        300.0,
+        "seconds a fetched JWKS is used before it is fetched again",
+        "SECONDS",
+    ),
     Option("log_level", str, "INFO", "DEBUG, INFO, WARNING or ERROR", "LEVEL"),
 )
 
@@ -212,6 +307,19 @@ class ServeSettings:
     webhook_secret: str | None
     outbox_alert_after: int
     feed_silence_alarm: float
+    fhir_source: str | None
+    fhir_source_token: str | None
+    fhir_source_timeout: float
+    task_wait: float
+    public_base_url: str | None
+    jwks_url: str | None
+    jwt_issuer: str | None
+    jwt_audience: str | None
+    jwt_roles_claim: str
+    jwt_scope_prefix: str
+    jwt_practitioner_claim: str
+    jwt_algorithms: tuple[str, ...]
+    jwks_cache: float
     log_level: str
 
     # The names `build_live_parts` reads.
@@ -290,7 +398,39 @@ def load_serve_settings(
         values["instance"] = f"{socket.gethostname()}:{os.getpid()}"
     if values["unsupported"] not in ("reject", "accept"):
         raise ValueError(f"unsupported: {values['unsupported']!r} must be reject or accept")
+    if values["fhir_source_timeout"] <= 0:
+        raise ValueError(f"fhir_source_timeout: {values['fhir_source_timeout']!r} must be > 0")
+    if values["task_wait"] < 0:
+        raise ValueError(f"task_wait: {values['task_wait']!r} must be 0 or more seconds")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ValueError("tls_cert and tls_key must be given together")
     names = {f.name for f in fields(ServeSettings)}
-    return ServeSettings(**{k: v for k, v in values.items() if k in names})
+    settings = ServeSettings(**{k: v for k, v in values.items() if k in names})
+    jwt_settings(settings)  # a JWT setup that cannot work fails here, at start
+    return settings
+
+
+def jwt_settings(settings: ServeSettings) -> JwtSettings | None:
+    """How the API accepts JWTs (None: no --jwks-url, safetynet tokens only). Raises
+    ValueError naming what is missing or wrong."""
+    jwt_names = ("jwt_issuer", "jwt_audience")
+    if not settings.jwks_url:
+        given = [name for name in jwt_names if getattr(settings, name)]
+        if given:
+            raise ValueError(f"{', '.join(given)} given without jwks_url")
+        return None
+    from adapters.service.auth import JwtSettings
+
+    try:
+        return JwtSettings(
+            jwks_url=settings.jwks_url,
+            issuer=settings.jwt_issuer or "",
+            audience=settings.jwt_audience or "",
+            roles_claim=settings.jwt_roles_claim,
+            scope_prefix=settings.jwt_scope_prefix,
+            practitioner_claim=settings.jwt_practitioner_claim,
+            algorithms=settings.jwt_algorithms,
+            jwks_cache_seconds=settings.jwks_cache,
+        )
+    except ValueError as exc:
+        raise ValueError(f"jwks_url: {exc}") from exc

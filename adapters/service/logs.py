@@ -10,13 +10,14 @@ call site:
 
       inbox_id, outbox_id, control_id, sender, message_type, ack_code, task_identifier,
       rule_id, rule_version, destination, status_code, attempts, worker_pid, lease_holder,
-      epoch, peer, bytes, reason_code, duration_ms, count, kind, state, method, path
+      epoch, peer, bytes, reason_code, duration_ms, count, kind, state, method, path,
+      principal (the API caller: a token name or a JWT subject: staff or a system)
 
-  These name messages (inbox id, MSH-10), systems (MSH-3^MSH-4, destinations, peers) and
-  internal work, never a person. `patient_key` is deliberately absent: today a patient key is
-  the preferred identifier token itself (`https://fhir.nhs.uk/Id/nhs-number|<NHS number>`),
-  so logging it would log the NHS number. Add a key here only if no value of it can name a
-  patient.
+  These name messages (inbox id, MSH-10), systems (MSH-3^MSH-4, destinations, peers), API
+  callers and internal work, never a patient. `patient_key` is deliberately absent: today a
+  patient key is the preferred identifier token itself
+  (`https://fhir.nhs.uk/Id/nhs-number|<NHS number>`), so logging it would log the NHS number.
+  Add a key here only if no value of it can name a patient.
 - **Exceptions keep their type and frames, not their message.** A driver error quotes its SQL
   parameters (a raw HL7 message on an inbox insert), a parser error the segment it choked on;
   so a traceback is logged as each exception's qualified type name and its frames (file, line,
@@ -74,6 +75,7 @@ ALLOWED_EXTRAS: frozenset[str] = frozenset(
         "state",
         "method",
         "path",
+        "principal",
     }
 )
 """The extra fields a log line may carry; any other `extra=` key is dropped (see the module)."""

@@ -1,7 +1,9 @@
 """`safetynet serve`: the live service in one process tree.
 
 The main process runs the MLLP listener and its inbox committer (asyncio plus one writer
-thread) and the HTTP listener for health and metrics (uvicorn, in a thread of its own). The
+thread) and the HTTP listener (uvicorn, in a thread of its own): the FHIR R4 API under `/fhir`
+(inbound resources stored inbox-first, the worker woken by its doorbell; the Task API), health,
+metrics and the OpenAPI document. The
 processor, the timer scheduler and the outbox dispatcher run in a worker process
 (`adapters.service.worker`) that this process starts, watches and restarts when it dies.
 
@@ -23,8 +25,13 @@ import uvicorn
 from sqlalchemy import text
 
 from adapters.bootstrap import build_live_parts
-from adapters.service.config import ServeSettings
-from adapters.service.http import Health, build_ops_app
+from adapters.fhir.app import build_api_app
+from adapters.fhir.context import FhirApi
+from adapters.fhir.mapping import FhirMapper, FhirMappingSettings
+from adapters.governance.approvals import record_rule_set
+from adapters.service.auth import Authenticator, TokenStore
+from adapters.service.config import ServeSettings, jwt_settings
+from adapters.service.http import Health
 from adapters.service.listener import InboxCommitter, ListenerSettings, MllpListener
 from adapters.service.logs import configure_logging, uvicorn_log_config
 from adapters.service.metrics import ServiceMetrics, StoreCollector, last_seen_by_sender
@@ -162,6 +169,10 @@ class Service:
         self.settings = settings
         for_worker = worker_settings(settings)
         self.parts = build_live_parts(for_worker)
+        # Refuses (ConfigurationError: exit 2) a change to an active rule nobody approved.
+        record_rule_set(
+            self.parts.store, self.parts.catalogue, _now(), f"serve {settings.instance}"
+        )
         self.metrics = ServiceMetrics(silence_alarm=settings.feed_silence_alarm)
         self.metrics.registry.register(
             StoreCollector(self.parts.store, _now, settings.outbox_alert_after)
@@ -190,13 +201,34 @@ class Service:
         health = Health(live=lambda: self.committer.alive, ready=self._ready)
         self.http = uvicorn.Server(
             uvicorn.Config(
-                build_ops_app(health, self.metrics.registry),
+                build_api_app(self.fhir_api(), self.authenticator(), health, self.metrics.registry),
                 host=settings.http_host,
                 port=settings.http_port,
                 log_config=uvicorn_log_config(),
                 lifespan="off",
             )
         )
+
+    def fhir_api(self) -> FhirApi:
+        """The FHIR API's parts: this process's store, the catalogue, and the worker's
+        doorbell, rung after every inbox write so the worker takes it at once."""
+        catalogue = self.parts.catalogue
+        return FhirApi(
+            store=self.parts.store,
+            catalogue=catalogue,
+            mapper=FhirMapper(FhirMappingSettings.for_site(catalogue.site)),
+            notify=self.supervisor.shared.doorbell.ring,
+            source_server=self.settings.fhir_source or "",
+            source_token=self.settings.fhir_source_token or "",
+            source_timeout=self.settings.fhir_source_timeout,
+            task_wait=self.settings.task_wait,
+            base_url=(self.settings.public_base_url or "").rstrip("/"),
+        )
+
+    def authenticator(self) -> Authenticator:
+        """Who may call the API: bearer tokens from the database, and JWTs validated
+        against the JWKS when `--jwks-url` is set."""
+        return Authenticator(TokenStore(self.parts.store), jwt_settings(self.settings))
 
     def _ready(self) -> tuple[bool, dict[str, str]]:
         database = _database_ok(self.parts.store)

@@ -33,6 +33,7 @@ from adapters.store import SqlStore
 from adapters.store.lease import Lease, LeaseLost
 from adapters.store.operations import PendingMessage, any_pending, count_attempt, pending
 from engine.clock import SimulatedClock, WallClock
+from engine.errors import ConfigurationError
 
 log = logging.getLogger("safetynet.worker")
 
@@ -382,10 +383,19 @@ class Worker:
 def worker_main(settings: WorkerSettings, shared: WorkerShared) -> None:
     """Entry point of the worker process."""
     from adapters.bootstrap import build_live_parts
+    from adapters.governance.approvals import verify_rule_set
     from adapters.service.logs import configure_logging
 
     configure_logging(settings.log_level)
     parts = build_live_parts(settings)
+    try:
+        # The rules folder may have been edited since the service recorded (and approval
+        # checked) its rule set: a restarted worker must not run an unapproved one.
+        verify_rule_set(parts.store, parts.catalogue)
+    except ConfigurationError as exc:
+        log.error("worker not starting: %s", exc.reason)
+        parts.store.close()
+        raise SystemExit(2) from exc
     dispatcher = None
     if settings.destinations:
         destinations = [

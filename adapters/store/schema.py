@@ -28,6 +28,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -38,6 +39,9 @@ __all__ = [
     "audit",
     "due",
     "facts",
+    "fhir_inbox",
+    "fhir_resources",
+    "fhir_subscriptions",
     "inbox",
     "leases",
     "metadata",
@@ -47,6 +51,9 @@ __all__ = [
     "patient_aliases",
     "patients",
     "quarantine",
+    "rule_activations",
+    "rule_approvals",
+    "rule_sets",
     "task_history",
     "tasks",
 ]
@@ -175,6 +182,19 @@ facts = Table(
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 
+# Every column the Task search filters on, which its indexes carry beside their sort key
+# (0007): any search is then an index-only scan in page order, whatever the planner knows.
+_SEARCHED = (
+    "safeguarding",
+    "owner",
+    "status",
+    "priority",
+    "rule_id",
+    "patient_value",
+    "patient_system",
+    "owner_system",
+)
+
 tasks = Table(
     "tasks",
     metadata,
@@ -190,11 +210,29 @@ tasks = Table(
     Column("version", Integer(), nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
     Column("updated_at", UTCDateTime(), nullable=False),
+    # Issue 4, Task search (0007_task_search): read from the stored resource by `put_task`, so
+    # that visibility and the FHIR search parameters are decided in SQL, before paging.
+    # `safeguarding`: meta.tag code "safeguarding"; `owner_system`: owner.identifier.system;
+    # `patient_system`/`patient_value`: Task.for.identifier ("" when the Task names nobody).
+    Column("safeguarding", Boolean(), nullable=False, server_default=false()),
+    Column("owner_system", Text(), nullable=False, server_default=""),
+    Column("patient_system", Text(), nullable=False, server_default=""),
+    Column("patient_value", Text(), nullable=False, server_default=""),
     Index(None, "status"),
     Index(None, "owner"),
     Index(None, "patient_key"),
     Index(None, "rule_id"),
     Index(None, "created_at", "identifier"),
+    # Search indexes (0007): each holds every column visibility and the filters read, in a
+    # sort order, so that counts and pages scan the index, not the large rows; the table is
+    # read only for the rows of the page.
+    Index(
+        "ix_tasks_search_created", "shadow", "created_at", "identifier", *_SEARCHED, "updated_at"
+    ),
+    Index(
+        "ix_tasks_search_updated", "shadow", "updated_at", "identifier", *_SEARCHED, "created_at"
+    ),
+    Index("ix_tasks_patient", "patient_value", "patient_system", "shadow", "safeguarding", "owner"),
 )
 
 # Each row is a whole past state, search columns included, so history survives a merge or an
@@ -299,7 +337,108 @@ api_tokens = Table(
 )
 
 # --- issue 4: FHIR inbound (0004_fhir) ------------------------------------------------------
+# The FHIR resources received, by sender (ids are the sending server's): the current version
+# and what a literal reference to it resolves to (a Patient's identity as the engine's Patient
+# JSON, an Encounter's visit number). `version` counts the versions stored here (1, 2...);
+# `version_id` is the sender's meta.versionId. Read by adapters.fhir.inbound.
+fhir_resources = Table(
+    "fhir_resources",
+    metadata,
+    Column("sender", Text(), primary_key=True),
+    Column("resource_type", Text(), primary_key=True),
+    Column("resource_id", Text(), primary_key=True),
+    Column("version", Integer(), nullable=False),
+    Column("version_id", Text(), nullable=False),
+    Column("content_hash", Text(), nullable=False),
+    Column("inbox_id", BigId, ForeignKey("inbox.id"), nullable=False),
+    Column("patient", JSONDoc, nullable=True),
+    Column("visit_number", Text(), nullable=False),
+    Column("last_updated", UTCDateTime(), nullable=False),
+)
+
+# One row per FHIR inbox row: the answer it got (so that a redelivery is answered the same)
+# and, for a resource accepted for processing, the literal references it was resolved with
+# (so that the worker maps it exactly as it was judged when accepted).
+fhir_inbox = Table(
+    "fhir_inbox",
+    metadata,
+    Column("inbox_id", BigId, ForeignKey("inbox.id"), primary_key=True),
+    Column("status", Integer(), nullable=False),
+    Column("resource_type", Text(), nullable=False),
+    Column("resource_id", Text(), nullable=False),
+    Column("version", Integer(), nullable=False),
+    Column("answer", JSONDoc, nullable=False),
+    Column("refs", JSONDoc, nullable=False),
+)
 
 # --- issue 4: FHIR subscriptions (0005_subscriptions) ---------------------------------------
+# One row per backport Subscription whose notifications arrive (adapters/fhir/subscriptions.py).
+# `subscription`: "Subscription/<id>" on the source server; `last_event`: the highest event
+# number applied (every number up to it was applied, recovered, or is listed in `missing`:
+# numbers the source could no longer give back); `reported_events`: the sender's last
+# events-since-subscription-start. `revision` grows with every change: a writer that read an
+# older one lost a race and plans again (optimistic, so no lock is held over HTTP calls).
+fhir_subscriptions = Table(
+    "fhir_subscriptions",
+    metadata,
+    Column("subscription", Text(), primary_key=True),
+    Column("reference", Text(), nullable=False),
+    Column("topic", Text(), nullable=False),
+    Column("status", Text(), nullable=False),
+    Column("last_event", BigInteger(), nullable=False),
+    Column("reported_events", BigInteger(), nullable=False),
+    Column("missing", JSONDoc, nullable=False),
+    Column("last_type", Text(), nullable=False),
+    Column("notifications", BigInteger(), nullable=False),
+    Column("revision", BigInteger(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
 
 # --- issue 6: governance (0006_governance) --------------------------------------------------
+# The rule sets the service started with: a row only when the set differs from the one
+# before (`fingerprint`: SHA-256 of every rule's id, version, status and parameters). The
+# first row of a database is the `baseline`, taken as found (adapters/governance/approvals.py).
+rule_sets = Table(
+    "rule_sets",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    Column("recorded_by", Text(), nullable=False),
+    Column("fingerprint", Text(), nullable=False),
+    Column("baseline", Boolean(), nullable=False),
+    Column("rules_path", Text(), nullable=False),
+)
+
+# A signed-off switch of one rule to active, for exactly one version and its parameters (a
+# JSON list of [name, value] pairs, in rule.toml order). `from_status`: the rule's status in
+# the last recorded set when the approval was given ("new" if it was never recorded).
+rule_approvals = Table(
+    "rule_approvals",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("rule_id", Text(), nullable=False),
+    Column("version", Text(), nullable=False),
+    Column("parameters", JSONDoc, nullable=False),
+    Column("approved_at", UTCDateTime(), nullable=False),
+    Column("approved_by", Text(), nullable=False),
+    Column("reason", Text(), nullable=False),
+    Column("from_status", Text(), nullable=False),
+    Column("to_status", Text(), nullable=False),
+    Index(None, "rule_id"),
+)
+
+# Every rule of a recorded set, as it was then. `approval_id`: the approval this change used;
+# unique, because one approval authorises one change.
+rule_activations = Table(
+    "rule_activations",
+    metadata,
+    Column("rule_set_id", BigId, ForeignKey("rule_sets.id"), primary_key=True),
+    Column("rule_id", Text(), primary_key=True),
+    Column("title", Text(), nullable=False),
+    Column("version", Text(), nullable=False),
+    Column("status", Text(), nullable=False),
+    Column("parameters", JSONDoc, nullable=False),
+    Column("approval_id", BigId, ForeignKey("rule_approvals.id"), nullable=True, unique=True),
+    Index(None, "rule_id"),
+)

@@ -65,7 +65,7 @@ from engine.ports import (
     StoredTask,
 )
 
-__all__ = ["SqlStore", "SqlUnitOfWork", "open_store"]
+__all__ = ["SqlStore", "SqlUnitOfWork", "open_store", "task_search_columns"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -108,6 +108,28 @@ _TASK_COLUMNS = (
     "version",
     "shadow",
 )
+
+
+# Columns of `tasks` only the Task API searches by, read from the resource by `put_task`.
+_TASK_SEARCH_COLUMNS = ("safeguarding", "owner_system", "patient_system", "patient_value")
+
+
+def task_search_columns(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """The search columns of a Task resource (adapters.store.task_search queries them):
+    `safeguarding` as `adapters.service.auth.can_see_task` reads it (a meta.tag with code
+    "safeguarding"), the owner's identifier system and Task.for's identifier."""
+    meta = resource.get("meta")
+    tags = meta.get("tag", []) if isinstance(meta, Mapping) else []
+    owner = (resource.get("owner") or {}).get("identifier") or {}
+    patient = (resource.get("for") or {}).get("identifier") or {}
+    return {
+        "safeguarding": any(
+            isinstance(tag, Mapping) and tag.get("code") == "safeguarding" for tag in tags
+        ),
+        "owner_system": str(owner.get("system") or ""),
+        "patient_system": str(patient.get("system") or ""),
+        "patient_value": str(patient.get("value") or ""),
+    }
 
 
 # Identifier look-ups bind this many tokens per statement (a PID-3 rarely holds more).
@@ -383,6 +405,7 @@ class _Statements:
             "shadow",
             "resource",
             "updated_at",
+            *_TASK_SEARCH_COLUMNS,
         )
         # One atomic statement: a concurrent writer of the same Task cannot lose a version.
         self.task_put = prepare(
@@ -766,7 +789,14 @@ class SqlUnitOfWork:
             "resource": resource,
         }
         version: int = self._write(
-            self._sql.task_put, {**columns, "version": 1, "created_at": at, "updated_at": at}
+            self._sql.task_put,
+            {
+                **columns,
+                **task_search_columns(resource),
+                "version": 1,
+                "created_at": at,
+                "updated_at": at,
+            },
         )
         self._run(
             self._sql.history_add,
