@@ -32,6 +32,9 @@ RULES = ROOT / "rules"
 DERBY = ROOT / "tests" / "fixtures" / "hl7v2" / "derby"
 R1 = "imaging-pending-at-discharge"
 UNTIL = "2026-01-25T00:00:00+00:00"  # past the synth archive's last event: escalations fire
+# Every rule set of the synth tests runs the escalation rule (R11) in shadow, whatever the
+# bundled status: shadow and live Tasks are then both counted.
+SHADOW_R11 = '[rules.task-not-accepted]\nstatus = "shadow"\n'
 SECTIONS = ("summary", "rule-sets", "weekly", "burden", "priority", "shadow")
 
 
@@ -81,12 +84,14 @@ def is_shadow(task: dict) -> bool:
     return any(t["code"] == "shadow" for t in task.get("meta", {}).get("tag", []))
 
 
-def with_override(tmp: Path, name: str, table: str) -> Path:
-    """A copy of rules/ whose settings.toml overrides one rule (as a governance lead would)."""
+def with_override(tmp: Path, name: str, table: str = "") -> Path:
+    """A copy of rules/ with R11 in shadow and `table` (a rule's overrides, as a governance
+    lead would write them) added to its settings.toml."""
     target = tmp / name
     shutil.copytree(RULES, target, ignore=shutil.ignore_patterns("__pycache__"))
     settings = target / "settings.toml"
-    settings.write_text(settings.read_text(encoding="utf-8") + "\n" + table, encoding="utf-8")
+    text = settings.read_text(encoding="utf-8")
+    settings.write_text(f"{text}\n{SHADOW_R11}\n{table}", encoding="utf-8")
     return target
 
 
@@ -213,6 +218,12 @@ def synth_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def candidate_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """rules/ as bundled (R11 in shadow)."""
+    return with_override(tmp_path_factory.mktemp("rules"), "candidate")
+
+
+@pytest.fixture(scope="module")
 def baseline_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """rules/ with one parameter changed: R1 only for children under 1 month (default 24)."""
     return with_override(
@@ -221,25 +232,30 @@ def baseline_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def replays(synth_archive: Path, baseline_rules: Path) -> dict[str, dict[str, dict]]:
-    """Plain replays of the synth archive under the bundled rules and the baseline."""
+def replays(
+    synth_archive: Path, candidate_rules: Path, baseline_rules: Path
+) -> dict[str, dict[str, dict]]:
+    """Plain replays of the synth archive under the candidate and the baseline rules."""
     return {
-        "rules": plain_replay([synth_archive], RULES, UNTIL),
+        "rules": plain_replay([synth_archive], candidate_rules, UNTIL),
         "baseline": plain_replay([synth_archive], baseline_rules, UNTIL),
     }
 
 
 @pytest.fixture(scope="module")
 def compared(
-    tmp_path_factory: pytest.TempPathFactory, synth_archive: Path, baseline_rules: Path
+    tmp_path_factory: pytest.TempPathFactory,
+    synth_archive: Path,
+    candidate_rules: Path,
+    baseline_rules: Path,
 ) -> tuple[Path, dict[str, Any], str]:
-    """The backtest of the synth archive: bundled rules (candidate) against the baseline."""
+    """The backtest of the synth archive: the candidate rules against the baseline."""
     out_dir = tmp_path_factory.mktemp("compared")
     doc, html, _ = run_backtest(
         out_dir,
         str(synth_archive),
         "--rules",
-        str(RULES),
+        str(candidate_rules),
         "--baseline",
         str(baseline_rules),
         "--until",
@@ -397,8 +413,12 @@ def test_the_differences_are_exactly_the_tasks_that_appear_or_disappear(
         if item["rule"] == R1:
             assert item["cause"] == "parameter max_age_months (months): 1 → 24"
             assert item["text"].startswith("Patient discharged from ")
-        else:
-            assert item["part_of"] in appear  # an escalation of a Task that appears
+        else:  # an escalation of a Task that appears
+            assert item["part_of"] in appear
+            assert item["cause"] == (
+                f"this rule is unchanged: it acts on {item['part_of']}, which is only under "
+                "the candidate"
+            )
         assert item["identifier"] in html
     # One patient, one pseudonym: R1 Tasks and their escalations share it.
     by_id = {t["identifier"]: t for t in diff["only_candidate"]}
@@ -412,6 +432,7 @@ def test_the_differences_are_exactly_the_tasks_that_appear_or_disappear(
 def test_swapping_the_rule_sets_swaps_the_differences(
     tmp_path: Path,
     synth_archive: Path,
+    candidate_rules: Path,
     baseline_rules: Path,
     replays: dict[str, dict[str, dict]],
 ) -> None:
@@ -421,7 +442,7 @@ def test_swapping_the_rule_sets_swaps_the_differences(
         "--rules",
         str(baseline_rules),
         "--baseline",
-        str(RULES),
+        str(candidate_rules),
         "--until",
         UNTIL,
     )
@@ -432,14 +453,17 @@ def test_swapping_the_rule_sets_swaps_the_differences(
 
 
 def test_a_changed_priority_lists_the_tasks_raised_under_both_as_changed(
-    tmp_path: Path, synth_archive: Path, replays: dict[str, dict[str, dict]]
+    tmp_path: Path,
+    synth_archive: Path,
+    candidate_rules: Path,
+    replays: dict[str, dict[str, dict]],
 ) -> None:
     routine = with_override(tmp_path, "routine", f'[rules.{R1}]\npriority = "routine"\n')
     doc, html, _ = run_backtest(
         tmp_path / "out",
         str(synth_archive),
         "--rules",
-        str(RULES),
+        str(candidate_rules),
         "--baseline",
         str(routine),
         "--until",
@@ -463,6 +487,43 @@ def test_a_changed_priority_lists_the_tasks_raised_under_both_as_changed(
         if item["rule"] == R1:
             assert item["changes"]["priority"] == {"baseline": "routine", "candidate": "urgent"}
     assert "<mark>routine → urgent</mark>" in html
+
+
+def test_status_and_site_setting_changes_are_named_with_the_tasks_they_move(
+    tmp_path: Path,
+) -> None:
+    baseline = tmp_path / "baseline"
+    shutil.copytree(RULES, baseline, ignore=shutil.ignore_patterns("__pycache__"))
+    settings = baseline / "settings.toml"
+    text = settings.read_text(encoding="utf-8")
+    assert "settle_minutes = 15\n" in text
+    text = text.replace("settle_minutes = 15\n", "settle_minutes = 30\n")
+    settings.write_text(text + f'\n[rules.{R1}]\nstatus = "off"\n', encoding="utf-8")
+    doc, html, _ = run_backtest(
+        tmp_path / "out", str(DERBY), "--rules", str(RULES), "--baseline", str(baseline)
+    )
+    cand, base = plain_replay([DERBY], RULES), plain_replay([DERBY], baseline)
+    diff = doc["differences"]
+    assert {t["identifier"] for t in diff["only_candidate"]} == set(cand) - set(base)
+    assert {t["identifier"] for t in diff["only_baseline"]} == set(base) - set(cand)
+    assert [t["rule"] for t in diff["only_candidate"]] == [R1]
+    assert diff["only_candidate"][0]["cause"] == "status: off → active"
+    assert diff["rule_changes"] == [
+        {"rule": R1, "what": "status", "baseline": "off", "candidate": "active"},
+        {
+            "rule": "(site settings)",
+            "what": "settle_minutes",
+            "baseline": "30",
+            "candidate": "15",
+        },
+        {
+            "rule": "(site settings)",
+            "what": "[discharge]",
+            "baseline": "as in the baseline folder",
+            "candidate": "changed",
+        },
+    ]
+    assert "<mark>off (site)</mark>" in html
 
 
 def test_no_patient_name_identifier_age_or_free_text_leaves_the_backtest(

@@ -40,7 +40,8 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import tomllib
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -56,18 +57,24 @@ from engine.errors import ConfigurationError
 from engine.ports import StoredTask
 
 __all__ = [
+    "AnyOf",
     "Archive",
     "Backtest",
     "BacktestError",
     "ParameterCard",
+    "Pseudonyms",
     "RuleCard",
     "RuleSetRun",
     "TaskRow",
     "add_arguments",
     "archive_files",
     "command",
+    "parse_until",
     "redact",
+    "rule_cards",
     "run_backtest",
+    "site_card",
+    "task_row",
 ]
 
 BATCH = 500  # messages per transaction, as `safetynet replay`
@@ -225,20 +232,31 @@ def _patient_word(match: re.Match[str]) -> str:
     return word[:1].upper() + word[1:] if sentence_start else word
 
 
-def redact(text: str, identifiers: Iterable[str] = (), keep: Iterable[str] = ()) -> str:
+class AnyOf:
+    """Membership in any of several collections, without copying them (the archive's
+    identifiers can be many; a Task's own are few)."""
+
+    def __init__(self, *collections: Container[str]) -> None:
+        self._collections = collections
+
+    def __contains__(self, item: object) -> bool:
+        return any(item in c for c in self._collections)
+
+
+def redact(text: str, identifiers: Container[str] = (), keep: Iterable[str] = ()) -> str:
     """`text` without patient details: quoted free text (unless it is one of `keep`, e.g. a
     rule's title), identifier values (`identifiers`, matched as whole tokens), times and dates,
     ages and sex, and runs of six or more digits.
 
     For Task texts written by the rules (`engine.tasks.who`, `when`); it is a net, not a
     parser: the backtest also checks its output against every patient identifier it saw."""
-    ids = {i for i in identifiers if i}
-    kept = {k.casefold() for k in keep}
-    text = _QUOTED.sub(
-        lambda m: m.group(0) if m.group(0)[1:-1].casefold() in kept else "[words removed]", text
-    )
-    if ids:
-        text = _TOKEN.sub(lambda m: "[id]" if m.group(0) in ids else m.group(0), text)
+    if '"' in text or "“" in text:
+        kept = {k.casefold() for k in keep}
+        text = _QUOTED.sub(
+            lambda m: m.group(0) if m.group(0)[1:-1].casefold() in kept else "[words removed]",
+            text,
+        )
+    text = _TOKEN.sub(lambda m: "[id]" if m.group(0) in identifiers else m.group(0), text)
     text = _WHEN.sub("[time]", text)
     text = _ISO_DATE.sub("[date]", text)
     text = _DATE.sub("[date]", text)
@@ -277,14 +295,14 @@ class Pseudonyms:
 def task_row(
     task: StoredTask,
     pseudonym: Callable[[str], str],
-    identifiers: set[str],
+    identifiers: Container[str],
     titles: Iterable[str] = (),
 ) -> TaskRow:
     """A stored Task reduced to what the report may show (see the module's privacy notes).
     `titles`: quoted phrases that are no patient detail (the rules' titles)."""
     res = task.resource
     titles = tuple(titles)
-    own = set(_identifier_values(res)) | identifiers
+    own = AnyOf(set(_identifier_values(res)), identifiers)
     owner = res.get("owner") or {}
     order = next(
         (
@@ -350,18 +368,23 @@ def rule_cards(catalogue: Catalogue) -> tuple[RuleCard, ...]:
 def site_card(catalogue: Catalogue) -> dict[str, Any]:
     """The site settings that change what rules do: time zone, settle time, and a digest of
     each other settings.toml section (so a difference is seen without printing it all)."""
-    import tomllib
-
     path = catalogue.path / "settings.toml"
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, tomllib.TOMLDecodeError):  # load_catalogue has read it already
         raw = {}
+
+    def digest(value: Any) -> str:
+        return hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+
     sections = {
-        name: hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+        name: digest(value)
         for name, value in sorted(raw.items())
-        if name != "rules"
+        if isinstance(value, dict) and name != "rules"
     }
+    scalars = {k: v for k, v in raw.items() if not isinstance(v, dict) and k != "timezone"}
+    if scalars:
+        sections["(top-level keys)"] = digest(sorted(scalars.items()))
     for extra in ("directory.toml", "terminology.toml"):
         file = catalogue.path / extra
         if file.is_file():

@@ -232,7 +232,7 @@ def rule_changes(candidate: RuleSetRun, baseline: RuleSetRun) -> list[dict[str, 
             out.append(
                 {
                     "rule": "(site settings)",
-                    "what": f"[{section}]" if not section.endswith(".toml") else section,
+                    "what": section if section.endswith((".toml", ")")) else f"[{section}]",
                     "baseline": "as in the baseline folder",
                     "candidate": "changed" if section in bs and section in cs else "added/removed",
                 }
@@ -240,14 +240,18 @@ def rule_changes(candidate: RuleSetRun, baseline: RuleSetRun) -> list[dict[str, 
     return out
 
 
-def _cause(row: TaskRow, changes: Sequence[Mapping[str, str]]) -> str:
-    """Why a Task appears or disappears, as far as the settings tell."""
+def _cause(row: TaskRow, changes: Sequence[Mapping[str, str]], differing: Mapping[str, str]) -> str:
+    """Why a Task appears, disappears or changes, as far as the settings tell. `differing`:
+    the identifiers of Tasks raised under one rule set only, with the side they are on."""
     own = [c for c in changes if c["rule"] == row.rule_id]
     if own:
         return "; ".join(f"{c['what']}: {c['baseline']} → {c['candidate']}" for c in own)
     site = [c for c in changes if c["rule"] == "(site settings)"]
-    if row.part_of:
-        return "this rule is unchanged: it acts on a Task that differs (see that Task)"
+    if row.part_of in differing:
+        return (
+            f"this rule is unchanged: it acts on {row.part_of}, which is only under the "
+            f"{differing[row.part_of]}"
+        )
     if site:
         return "this rule is unchanged: the site settings differ"
     return "this rule is unchanged: it follows from other rules' Tasks"
@@ -284,8 +288,10 @@ def differences(candidate: RuleSetRun, baseline: RuleSetRun) -> dict[str, Any]:
     changes = rule_changes(candidate, baseline)
     cand = {r.key: r for r in candidate.tasks}
     base = {r.key: r for r in baseline.tasks}
-    only_c = [_task(r, _cause(r, changes)) for k, r in cand.items() if k not in base]
-    only_b = [_task(r, _cause(r, changes)) for k, r in base.items() if k not in cand]
+    differing = {r.identifier: "baseline" for k, r in base.items() if k not in cand}
+    differing |= {r.identifier: "candidate" for k, r in cand.items() if k not in base}
+    only_c = [_task(r, _cause(r, changes, differing)) for k, r in cand.items() if k not in base]
+    only_b = [_task(r, _cause(r, changes, differing)) for k, r in base.items() if k not in cand]
     changed = []
     for k, c in cand.items():
         b = base.get(k)
@@ -297,7 +303,7 @@ def differences(candidate: RuleSetRun, baseline: RuleSetRun) -> dict[str, Any]:
             if getattr(b, f) != getattr(c, f)
         }
         if fields:
-            item = _task(c, _cause(c, changes))
+            item = _task(c, _cause(c, changes, differing))
             item["changes"] = fields
             if "owner_id" in fields:
                 item["baseline_owner_name"] = b.owner_name
