@@ -1,7 +1,8 @@
 """The FHIR API of a real `safetynet serve`, measured in one run against ceilings of the same run.
 
-    .venv/bin/python bench/bench_fhir.py [--patients N] [--threads T] [--tasks N]
+    .venv/bin/python bench/bench_fhir.py [--patients N] [--threads T] [--lone N] [--tasks N]
                                          [--searches N] [--quick] [--out FILE]
+                                         [--baseline FILE]
 
 1. Ingest. A fresh SQLite database, the bundled rules, a real `safetynet serve` (its worker
    process processing as resources arrive). `--patients` synthetic children, each the
@@ -12,7 +13,9 @@
    [base]/Type/id; each patient's resources in order on one thread). Measured: resources/s
    accepted over HTTP (answers 200/201, each committed to the inbox), and resources/s from
    the first send to the inbox drained by the worker (every resource mapped, the rules run,
-   the Tasks raised). Ceiling, same run, same threads: as many authenticated GETs of
+   the Tasks raised). Then `--lone` more patients' resources from one thread, one at a time
+   (the latency of a PUT that has no other request to share its commit with; the worker
+   still processing). Ceiling, same run, same threads: as many authenticated GETs of
    /fhir/metadata (HTTP, auth header, request audit, no work). Reference: the same resources
    validated with the fhir.resources R4B models in this process (no HTTP, no store).
 2. Task search. The Tasks the ingest raised, cloned through the store (`put_task`, so their
@@ -27,7 +30,23 @@
 Clients share the 2-core machine with the service and its worker: ratios, not absolute rates,
 compare between machines. Never asserts on timing: exits 0 unless something under test fails
 outright (a non-2xx answer, a Task count short). Prints a summary and writes the numbers as
-JSON (default bench/out/fhir.json).
+JSON (default bench/out/fhir.json); with `--baseline FILE` (the JSON of an earlier run, e.g.
+before a change) it also prints the two runs side by side, rates and ratios to their own
+run's ceilings.
+
+Measured on the shared 2-core machine (SQLite, defaults; medians of interleaved runs of the
+code before and after group commit of the HTTP writes, prepared statements in the accept, the
+token lookup cache, a larger SQLite pool, searchsets spliced from the stored JSON text and the
+total carried by the cursor; the machine's load moves the rates, so compare the ratios):
+
+    figure                                      before    after
+    accepted over HTTP, resources/s                 70      138   (ceiling ~1,000 GET/s)
+      ratio to the ceiling                        6.8%    13.0%
+      PUT p50 (8 threads), ms                      106       39
+      a lone PUT p50, ms                          13.9     11.5   (the worker's transaction)
+    Task searches/s (10,000 Tasks)                  44       83
+      ratio (requests) to the ceiling             4.7%     8.5%
+      owner search p50 (8 threads), ms             143       77
 """
 
 from __future__ import annotations
@@ -247,7 +266,7 @@ def validate_only(patients: Sequence[Sequence[dict[str, Any]]]) -> dict[str, Any
     return {"resources": len(resources), "per_s": len(resources) / elapsed}
 
 
-def bench_ingest(tmp: Path, patients: int, threads: int) -> dict[str, Any]:
+def bench_ingest(tmp: Path, patients: int, threads: int, lone: int = 50) -> dict[str, Any]:
     path = tmp / "ingest.db"
     db_url = f"sqlite:///{path}"
     store = open_store(db_url)
@@ -255,7 +274,8 @@ def bench_ingest(tmp: Path, patients: int, threads: int) -> dict[str, Any]:
     tokens = TokenStore(store)
     feed = tokens.create("bench-feed", ["feed"], at)
     store.close()
-    traffic = scenario(patients)
+    everyone = scenario(patients + lone)
+    traffic, alone = everyone[:patients], everyone[patients:]
     total = sum(len(per) for per in traffic)
     serve = start_serve(db_url, tmp, "ingest")
     base = f"http://127.0.0.1:{serve.http_port}/fhir"
@@ -282,6 +302,8 @@ def bench_ingest(tmp: Path, patients: int, threads: int) -> dict[str, Any]:
         drained = wait_drained(path, timeout=900)
         overall = time.perf_counter() - began
         ceiling = metadata_ceiling(base, feed, total, threads)
+        lone_put = lone_puts(base, feed, alone)
+        lone_get = metadata_ceiling(base, feed, lone_put["requests"], 1)
     finally:
         serve.terminate()
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
@@ -305,7 +327,37 @@ def bench_ingest(tmp: Path, patients: int, threads: int) -> dict[str, Any]:
             "tasks_by_rule": tasks,
         },
         "ceiling_metadata_get": ceiling,
+        "lone_put": lone_put,
+        "lone_metadata_get": lone_get,
         "reference_r4b_validation": validate_only(traffic),
+    }
+
+
+def lone_puts(
+    base: str, token: str, patients: Sequence[Sequence[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Each resource PUT from one thread, one at a time: the latency of a lone write."""
+    clients = Clients(base, token)
+    latencies: list[float] = []
+
+    def send(per_patient: Sequence[dict[str, Any]]) -> None:
+        http = clients.get()
+        for resource in per_patient:
+            began = time.perf_counter()
+            answer = http.put(f"/{resource['resourceType']}/{resource['id']}", json=resource)
+            latencies.append(time.perf_counter() - began)
+            if answer.status_code not in (200, 201):
+                raise RuntimeError(f"PUT answered {answer.status_code}: {answer.text[:300]}")
+
+    try:
+        elapsed = run_threads(1, patients, send)
+    finally:
+        clients.close()
+    return {
+        "requests": len(latencies),
+        "per_s": len(latencies) / elapsed if elapsed else 0.0,
+        "p50_ms": (percentile(latencies, 50) or 0) * 1000,
+        "p99_ms": (percentile(latencies, 99) or 0) * 1000,
     }
 
 
@@ -425,7 +477,7 @@ def bench_search(
 
         def search(item: tuple[str, str, Query]) -> None:
             kind, role, query = item
-            params = [*query, ("_count", str(PAGE))]
+            params = httpx.QueryParams([*query, ("_count", str(PAGE))])
             http = clients[role].get()
             began = time.perf_counter()
             answer = http.get("/Task", params=params)
@@ -480,6 +532,7 @@ def summary(report: dict[str, Any]) -> str:
     ceiling = ingest["ceiling_metadata_get"]["per_s"]
     processed = ingest["processed"]["per_s"]
     validation = ingest["reference_r4b_validation"]["per_s"]
+    lone, lone_get = ingest.get("lone_put"), ingest.get("lone_metadata_get")
     lines = [
         f"FHIR ingest: {ingest['resources']:,} resources ({ingest['patients']:,} patients x 6), "
         f"{ingest['threads']} client threads, SQLite",
@@ -487,6 +540,14 @@ def summary(report: dict[str, Any]) -> str:
         f"p50 {ingest['http']['p50_ms']:.1f} ms  p99 {ingest['http']['p99_ms']:.1f} ms",
         f"  ceiling: GET /fhir/metadata             {ceiling:8,.0f} requests/s   "
         f"-> ingest = {http_rate / ceiling:.0%} of the ceiling",
+    ]
+    if lone and lone_get:
+        lines.append(
+            f"  a lone PUT (1 thread, {lone['requests']} in a row)        "
+            f"p50 {lone['p50_ms']:.1f} ms  p99 {lone['p99_ms']:.1f} ms   "
+            f"(a lone GET /fhir/metadata: p50 {lone_get['p50_ms']:.1f} ms)"
+        )
+    lines += [
         "  first send to inbox drained (mapped, rules, Tasks) "
         + (f"{processed:,.0f} resources/s" if processed else "did not drain"),
         f"  reference: R4B validation alone        {validation:8,.0f} resources/s "
@@ -511,20 +572,70 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _figures(report: dict[str, Any]) -> dict[str, tuple[float, str]]:
+    """The headline figures of a report: name -> (value, format)."""
+    ingest, search = report["ingest"], report["search"]
+    ingest_ceiling = ingest["ceiling_metadata_get"]["per_s"]
+    search_ceiling = search["ceiling_metadata_get"]["per_s"]
+    out: dict[str, tuple[float, str]] = {
+        "ingest: resources/s over HTTP": (ingest["http"]["per_s"], "{:,.0f}"),
+        "ingest: ceiling GET /metadata/s": (ingest_ceiling, "{:,.0f}"),
+        "ingest: ratio to the ceiling": (ingest["http"]["per_s"] / ingest_ceiling, "{:.1%}"),
+        "ingest: PUT p50 ms (8 threads)": (ingest["http"]["p50_ms"], "{:.1f}"),
+        "ingest: PUT p99 ms (8 threads)": (ingest["http"]["p99_ms"], "{:.1f}"),
+    }
+    if ingest.get("processed", {}).get("per_s"):
+        out["ingest: drained resources/s"] = (ingest["processed"]["per_s"], "{:,.0f}")
+    if ingest.get("lone_put"):
+        out["ingest: lone PUT p50 ms"] = (ingest["lone_put"]["p50_ms"], "{:.1f}")
+        out["ingest: lone GET /metadata p50 ms"] = (
+            ingest["lone_metadata_get"]["p50_ms"],
+            "{:.1f}",
+        )
+    out["search: searches/s"] = (search["searches_per_s"], "{:,.0f}")
+    out["search: ceiling GET /metadata/s"] = (search_ceiling, "{:,.0f}")
+    out["search: ratio (requests) to the ceiling"] = (
+        search["requests_per_s"] / search_ceiling,
+        "{:.1%}",
+    )
+    for kind, row in sorted(search["by_kind"].items()):
+        out[f"search p50 ms: {kind}"] = (row["p50_ms"], "{:.1f}")
+    return out
+
+
+def comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The two runs side by side (rates against their own run's ceilings)."""
+    old, new = _figures(before), _figures(after)
+    lines = [f"{'':42} {'before':>10} {'after':>10} {'after/before':>13}"]
+    for name, (value, shape) in new.items():
+        if name not in old:
+            lines.append(f"{name:42} {'-':>10} {shape.format(value):>10}")
+            continue
+        was = old[name][0]
+        change = f"{value / was:.2f}x" if was else "-"
+        lines.append(f"{name:42} {shape.format(was):>10} {shape.format(value):>10} {change:>13}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--patients", type=int, default=500)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--lone", type=int, default=50, help="patients sent from one thread")
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--searches", type=int, default=2_000)
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--baseline", type=Path, help="an earlier run's JSON: print both side by side"
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.patients, args.tasks, args.searches = 40, 1_000, 200
+        args.patients, args.lone, args.tasks, args.searches = 40, 10, 1_000, 200
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     with tempfile.TemporaryDirectory(prefix="bench-fhir-") as folder:
         tmp = Path(folder)
-        ingest = bench_ingest(tmp, args.patients, args.threads)
+        ingest = bench_ingest(tmp, args.patients, args.threads, args.lone)
         search = bench_search(tmp, Path(ingest["db"]), args.tasks, args.searches, args.threads)
     report = {
         "when": datetime.now(UTC).isoformat(),
@@ -534,6 +645,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "search": search,
     }
     print(summary(report))
+    if baseline is not None:
+        print(f"\nagainst {args.baseline}:")
+        print(comparison(baseline, report))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nwritten: {args.out}")

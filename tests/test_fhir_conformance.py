@@ -204,10 +204,11 @@ def test_every_claimed_interaction_is_served_and_nothing_else(
                 sent = {"Content-Type": "application/json-patch+json"} if code == "patch" else {}
                 answer = http.request(method, path, content=body, headers=sent)
                 text = answer.json().get("issue", [{}])[0].get("diagnostics", "")
+                routed = any(text.startswith(refusal) for refusal in routing)
                 if (kind, code) in claims:
-                    assert answer.status_code != 405 and text not in routing, (kind, code)
+                    assert answer.status_code != 405 and not routed, (kind, code)
                 else:
-                    assert answer.status_code in (404, 405) and text in routing, (kind, code)
+                    assert answer.status_code in (404, 405) and routed, (kind, code)
         for path in ("", "/$process-message", "/$subscription-notification"):
             answer = http.post(server.base + path, content=b"{}")
             assert answer.status_code in (400, 422), (path, answer.text)

@@ -36,8 +36,9 @@ pytestmark = [
 # for an error). The order matters where references do: patient-example-a.json names a patient
 # that message-request-link.json carried (200: a new version), and the US Core chest X-ray
 # order names the US Core infant sent just before it, so its clinical details have a patient.
-# Unsupported types and Bundles that are neither transaction, batch nor message have no route
-# (404, 405 where Task has other methods); FHIR XML is refused before any route (415).
+# Unsupported types and Bundles that are neither transaction, batch nor message are kept and
+# answered 404 not-supported (405 for Task, which has other methods); FHIR XML is refused
+# before any route (415).
 NO_ORDER = "422 required"  # a report or study naming no order (nothing to link it to)
 NO_PATIENT = "422 required"  # Encounter.subject "Patient/example", never received
 EXPECTED = {
@@ -57,13 +58,13 @@ EXPECTED = {
     "hl7-fhir-r4-spec/patient-example.json": "/Patient 201",
     "hl7-fhir-r4-spec/servicerequest-example-di.json": "/ServiceRequest 422 not-supported",
     "hl7-fhir-r4-spec/servicerequest-example.json": "/ServiceRequest 422 not-supported",
-    "hl7-fhir-r4-spec/subscription-example.json": "/Subscription 404 not-found",
+    "hl7-fhir-r4-spec/subscription-example.json": "/Subscription 404 not-supported",
     "hl7-fhir-r4-spec/task-example1.json": "/Task 405 not-supported",
     "hl7-fhir-r4-spec/task-example6.json": "/Task 405 not-supported",
     "microsoft-fhir-converter/ms_expected_adt_a11_01_batch_bundle.json": "/ 200",
     "nhs-bars/bars_validation_request_message_bundle.json": "/$process-message 200",
     "subscription-backport-ig-draft/notification_id_only_history_bundle.json": (
-        "/Bundle 404 not-found"
+        "/Bundle 404 not-supported"
     ),
     "uk-core/UKCore-DiagnosticReport-CTChestScan-Example.xml": (
         "/DiagnosticReport 415 not-supported"

@@ -569,9 +569,18 @@ def test_put_needs_the_url_id_in_the_body(feed: httpx.Client) -> None:
 
 def test_unsupported_types_and_business_checks(server: ApiServer, feed: httpx.Client) -> None:
     observation = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+    before = len(inbox_rows(server))
     unknown = feed.post("/Observation", json=observation, headers=JSON_BODY)
-    assert unknown.status_code == 404
-    assert unknown.json()["resourceType"] == "OperationOutcome"
+    is_outcome(unknown, 404, "not-supported", "Observation")
+    again = feed.put("/Observation/o1", json={**observation, "id": "o1"}, headers=JSON_BODY)
+    is_outcome(again, 404, "not-supported", "Observation")
+    kept = inbox_rows(server)[before:]  # a type not taken is still kept, as HL7 v2 keeps one
+    assert [(row.state, json.loads(row.raw)["resourceType"]) for row in kept] == [
+        ("unsupported", "Observation"),
+        ("unsupported", "Observation"),
+    ]
+    task = feed.post("/Task", json={"resourceType": "Task"}, headers=JSON_BODY)
+    is_outcome(task, 405, "not-supported", "")
     encounter = {**derby()[1], "status": "bogus"}
     is_outcome(
         feed.put("/Encounter/derby-visit", json=encounter, headers=JSON_BODY),

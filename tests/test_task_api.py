@@ -151,9 +151,15 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    db = tmp_path_factory.mktemp("task-api") / "api.db"
-    replay(f"sqlite:///{db}", default_rules_dir(), patients=450, derby=False)
-    with ApiServer(db) as server:
+    folder = tmp_path_factory.mktemp("task-api")
+    db = folder / "api.db"
+    # The escalation rule (R11) in shadow, so the world holds shadow Tasks beside live ones.
+    rules = folder / "rules"
+    shutil.copytree(default_rules_dir(), rules)
+    with (rules / "settings.toml").open("a", encoding="utf-8") as settings:
+        settings.write('\n[rules.task-not-accepted]\nstatus = "shadow"\n')
+    replay(f"sqlite:///{db}", rules, patients=450, derby=False)
+    with ApiServer(db, rules) as server:
         server.drain()
         tasks = stored(server)
         safeguarding_owners = {

@@ -45,6 +45,8 @@ def build_api_app(
     install_fhir_errors(app)
     for module in (capability, inbound_api, subscriptions, task_api):
         app.include_router(module.router, prefix=FHIR_PREFIX)
+    # Last: writes of types not taken are kept and answered 404 not-supported.
+    app.include_router(inbound_api.fallback, prefix=FHIR_PREFIX)
     app.add_middleware(FhirFormats, prefix=FHIR_PREFIX)
     # Outermost, so that every answer under /fhir is logged and audited (see its module).
     app.add_middleware(RequestAudit, store=api.store, prefix=FHIR_PREFIX)

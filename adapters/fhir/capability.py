@@ -257,16 +257,18 @@ def _read_route(route: APIRoute, method: str, relative: str) -> list[Interaction
 
 def _api_routes(routes: Iterable[Any]) -> Iterator[tuple[str, set[str], APIRoute]]:
     """(full path, methods, route) of every APIRoute, routers included (FastAPI keeps an
-    included router as one lazy entry of `app.routes`; `iter_route_contexts` opens it)."""
+    included router as one lazy entry of `app.routes`; `iter_route_contexts` opens it).
+    Routes left out of the OpenAPI document (the answer to unsupported types) are no
+    capability and are skipped."""
     contexts = getattr(fastapi.routing, "iter_route_contexts", None)
     if contexts is None:  # older FastAPI: included routes are copied into app.routes
         for route in routes:
-            if isinstance(route, APIRoute):
+            if isinstance(route, APIRoute) and route.include_in_schema:
                 yield route.path, set(route.methods or ()), route
         return
     for context in contexts(list(routes)):
         original = context.original_route
-        if isinstance(original, APIRoute) and context.path:
+        if isinstance(original, APIRoute) and context.path and original.include_in_schema:
             yield context.path, set(context.methods or ()), original
 
 

@@ -35,7 +35,9 @@ class FhirApi:
     `source_token` as its bearer token (if any) and `source_timeout` seconds per request.
     `task_wait`: seconds a Task status change waits for the worker to apply it before the
     answer is 202 (accepted, still queued) instead of 200 with the changed Task.
-    `base_url`: the public base of `/fhir` for links (empty: taken from the request)."""
+    `base_url`: the public base of `/fhir` for links (empty: taken from the request).
+    `on_writing`: told True before a group of HTTP writes is committed and False after (serve:
+    on SQLite the worker gives way, as it does for the MLLP listener)."""
 
     store: SqlStore
     catalogue: Catalogue
@@ -46,6 +48,7 @@ class FhirApi:
     source_timeout: float = 10.0
     task_wait: float = 10.0
     base_url: str = ""
+    on_writing: Callable[[bool], None] = lambda writing: None
     now: Callable[[], datetime] = field(default=_wall)
 
 

@@ -58,18 +58,19 @@ values (adapters.fhir.mapping).
 
 from __future__ import annotations
 
-import functools
 import json
 import re
+import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from http import HTTPStatus
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 
 from adapters.fhir.mapping import (
     SUPPORTED,
@@ -83,6 +84,7 @@ from adapters.fhir.mapping import (
 )
 from adapters.ingest import Hl7Ingest, IngestResult, content_hash
 from adapters.store.schema import fhir_inbox, fhir_resources, inbox, quarantine
+from adapters.store.sql import SqlUnitOfWork, prepare
 from engine.events import Event, Patient, PatientIdentifier
 from engine.ports import InboundMessage, UnitOfWork
 
@@ -131,7 +133,8 @@ class FhirResult:
     code outside its value set, an element the engine needs missing or naming nothing usable,
     content safetynet does not take). `location`: "Type/id/_history/N" once stored;
     `outcome`: the OperationOutcome of an error (None on success); `events`: the canonical
-    events, when accepted for processing (None for a refusal or a redelivery)."""
+    events, when accepted for processing (None for a refusal or a redelivery); `resource`:
+    the resource as read, when accepted for processing (what an HTTP answer may echo)."""
 
     status: int
     resource_type: str = ""
@@ -141,6 +144,7 @@ class FhirResult:
     duplicate: bool = False
     outcome: Mapping[str, Any] | None = None
     events: tuple[Event, ...] | None = None
+    resource: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -550,7 +554,15 @@ class FhirIngest:
         )
         status = 201 if version == 1 else 200
         self._answer(uow, entry.id, status, kind, rid, version, {}, _refs_json(judged.refs))
-        return FhirResult(status, kind, rid, version, entry.id, events=tuple(judged.mapped.events))
+        return FhirResult(
+            status,
+            kind,
+            rid,
+            version,
+            entry.id,
+            events=tuple(judged.mapped.events),
+            resource=resource,
+        )
 
     def _judge(
         self,
@@ -1047,13 +1059,10 @@ class FhirIngest:
         split again). Fails closed as `Hl7Ingest.process`."""
         if self._applier is None:
             raise RuntimeError("this FhirIngest accepts only: it was built without an applier")
-        conn = _connection(uow)
-        sender, origin = conn.execute(
-            select(inbox.c.sender, inbox.c.origin).where(inbox.c.id == inbox_id)
-        ).one()
-        record = conn.execute(
-            select(fhir_inbox.c.status, fhir_inbox.c.refs).where(fhir_inbox.c.inbox_id == inbox_id)
-        ).first()
+        sql, statements = _prepared(uow)
+        ((sender, origin),) = sql.run_prepared(statements.inbox_row, {"inbox_id": inbox_id})
+        found = sql.run_prepared(statements.answer_refs, {"inbox_id": inbox_id})
+        record = _Record(*found[0]) if found else None
         try:
             resource = parse_json(raw)
         except FhirMappingError as exc:
@@ -1174,19 +1183,15 @@ class FhirIngest:
             if literal is not None and literal[0] in _RESOLVED_TYPES:
                 wanted.setdefault(literal, []).append(ref)
         if wanted:
-            c = fhir_resources.c
-            rows = _connection(uow).execute(
-                select(c.resource_type, c.resource_id, c.patient, c.visit_number).where(
-                    c.sender == sender,
-                    or_(*(and_(c.resource_type == t, c.resource_id == i) for t, i in wanted)),
-                )
-            )
-            for kind, rid, patient_json, visit in rows:
-                for ref in wanted.get((kind, rid), []):
-                    if kind == "Patient" and patient_json:
-                        patients[ref] = self._patient_from(patient_json)
-                    elif kind == "Encounter" and visit:
-                        encounters[ref] = visit
+            sql, statements = _prepared(uow)
+            for (kind, rid), refs in wanted.items():
+                key = {"sender": sender, "resource_type": kind, "resource_id": rid}
+                for patient_json, visit in sql.run_prepared(statements.resolve, key):
+                    for ref in refs:
+                        if kind == "Patient" and patient_json:
+                            patients[ref] = self._patient_from(patient_json)
+                        elif kind == "Encounter" and visit:
+                            encounters[ref] = visit
         return BundleReferences(patients, encounters)
 
     def _patient_from(self, data: Mapping[str, Any]) -> Patient:
@@ -1223,7 +1228,7 @@ class FhirIngest:
         received_at: datetime,
     ) -> int:
         """Make this the current version of the resource; its version number here."""
-        conn = _connection(uow)
+        sql, statements = _prepared(uow)
         meta = resource.get("meta")
         values = {
             "version_id": _plain_str(meta.get("versionId")) if isinstance(meta, Mapping) else "",
@@ -1234,8 +1239,8 @@ class FhirIngest:
             "last_updated": mapped.last_updated or received_at,
         }
         params = {"sender": sender, "resource_type": kind, "resource_id": rid, **values}
-        version: int = conn.execute(_upsert(conn.dialect.name), params).scalar_one()
-        return version
+        ((version,),) = sql.run_prepared(statements.register, params)
+        return int(version)
 
     @staticmethod
     def _answer(
@@ -1249,13 +1254,10 @@ class FhirIngest:
         refs: Mapping[str, Any],
     ) -> None:
         """Record what an inbox row was answered (replacing an earlier answer: a retry)."""
-        conn = _connection(uow)
-        conn.execute(
-            delete(fhir_inbox).where(fhir_inbox.c.inbox_id == bindparam("inbox_id")),
-            {"inbox_id": inbox_id},
-        )
-        conn.execute(
-            insert(fhir_inbox),
+        sql, statements = _prepared(uow)
+        sql.run_prepared(statements.forget_answer, {"inbox_id": inbox_id})
+        sql.run_prepared(
+            statements.answer,
             {
                 "inbox_id": inbox_id,
                 "status": status,
@@ -1325,24 +1327,71 @@ def _take_again(uow: UnitOfWork, inbox_id: int, at: datetime, state: str = "rece
 
 _KEY = ("sender", "resource_type", "resource_id")
 _CURRENT = ("version_id", "content_hash", "inbox_id", "patient", "visit_number", "last_updated")
+_ANSWER = ("inbox_id", "status", "resource_type", "resource_id", "version", "answer", "refs")
 
 
-@functools.cache
-def _upsert(dialect: str) -> Any:
-    """INSERT ... ON CONFLICT DO UPDATE of `fhir_resources` (version 1, else version + 1),
-    RETURNING the version: one statement, so two senders' updates of one resource never
-    read the same version. Built once per dialect (SQLAlchemy does not cache ON CONFLICT)."""
-    module: Any = postgresql if dialect == "postgresql" else sqlite
-    statement = module.insert(fhir_resources).values(
-        {**{name: bindparam(name) for name in (*_KEY, *_CURRENT)}, "version": 1}
-    )
-    return statement.on_conflict_do_update(
-        index_elements=list(_KEY),
-        set_={
-            "version": fhir_resources.c.version + 1,
-            **{name: statement.excluded[name] for name in _CURRENT},
-        },
-    ).returning(fhir_resources.c.version)
+class _Record(NamedTuple):
+    """What an inbox row was answered when accepted, as the worker reads it."""
+
+    status: int
+    refs: Mapping[str, Any]
+
+
+class _Statements:
+    """The statements an accept runs, each compiled once per dialect (`prepare`): an accept
+    runs four or five, and SQLAlchemy compiles ON CONFLICT statements again on every call."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        module: Any = postgresql if dialect.name == "postgresql" else sqlite
+        c = fhir_resources.c
+        # INSERT ... ON CONFLICT DO UPDATE of `fhir_resources` (version 1, else version + 1),
+        # RETURNING the version: one statement, so two senders' updates of one resource never
+        # read the same version.
+        upsert = module.insert(fhir_resources).values(
+            {**{name: bindparam(name) for name in (*_KEY, *_CURRENT)}, "version": 1}
+        )
+        upsert = upsert.on_conflict_do_update(
+            index_elements=list(_KEY),
+            set_={"version": c.version + 1, **{n: upsert.excluded[n] for n in _CURRENT}},
+        ).returning(c.version)
+        self.register = prepare(upsert, dialect, *_KEY, *_CURRENT)
+        self.resolve = prepare(
+            select(c.patient, c.visit_number).where(
+                c.sender == bindparam("sender"),
+                c.resource_type == bindparam("resource_type"),
+                c.resource_id == bindparam("resource_id"),
+            ),
+            dialect,
+            *_KEY,
+        )
+        by_row = fhir_inbox.c.inbox_id == bindparam("inbox_id")
+        self.forget_answer = prepare(delete(fhir_inbox).where(by_row), dialect, "inbox_id")
+        self.answer = prepare(insert(fhir_inbox), dialect, *_ANSWER)
+        self.answer_refs = prepare(
+            select(fhir_inbox.c.status, fhir_inbox.c.refs).where(by_row), dialect, "inbox_id"
+        )
+        self.inbox_row = prepare(
+            select(inbox.c.sender, inbox.c.origin).where(inbox.c.id == bindparam("inbox_id")),
+            dialect,
+            "inbox_id",
+        )
+
+
+_STATEMENTS: dict[tuple[str, str], _Statements] = {}
+_STATEMENTS_LOCK = threading.Lock()
+
+
+def _prepared(uow: UnitOfWork) -> tuple[SqlUnitOfWork, _Statements]:
+    """The SQL unit of work and this module's statements for its dialect."""
+    if not isinstance(uow, SqlUnitOfWork):
+        raise TypeError("FHIR ingest needs the SQL store's unit of work")
+    dialect = uow.connection.dialect
+    key = (dialect.name, dialect.driver)
+    statements = _STATEMENTS.get(key)
+    if statements is None:
+        with _STATEMENTS_LOCK:
+            statements = _STATEMENTS.get(key) or _STATEMENTS.setdefault(key, _Statements(dialect))
+    return uow, statements
 
 
 def _connection(uow: UnitOfWork) -> Connection:

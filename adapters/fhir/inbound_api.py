@@ -6,10 +6,11 @@
     POST /fhir                     a transaction (all or nothing) or batch Bundle
     POST /fhir/$process-message    a message Bundle (FHIR messaging, synchronous)
 
-Every write needs the `feed` role (admin passes). Each request is stored inbox-first in its
-own transaction by `adapters.fhir.inbound.FhirIngest` (which documents idempotency, versions,
-references and Bundles), answered once committed, and the worker is woken (`FhirApi.notify`)
-to process it. Answers (application/fhir+json):
+Every write needs the `feed` role (admin passes). Each request is stored inbox-first by
+`adapters.fhir.inbound.FhirIngest` (which documents idempotency, versions, references and
+Bundles) with group commit (`adapters.fhir.committer`: concurrent requests share one
+transaction, each in its own savepoint), answered once committed, and the worker is woken
+(`FhirApi.notify`, once per commit) to process it. Answers (application/fhir+json):
 
 * 201 Created (new) or 200 OK (new version, or a redelivery answered as the first time), with
   Location `[base]/Type/id/_history/N` and ETag `W/"N"`; the body as `Prefer: return=` asks:
@@ -21,7 +22,9 @@ to process it. Answers (application/fhir+json):
   entry; at the URL level, an unknown path), 415 not JSON, 422 a failed business check.
   The input is kept (quarantine, or "unsupported") whatever the answer.
 
-Handlers are async only to read the raw body; the work runs in the thread pool.
+Handlers are async: they read the raw body, hand the write to the group committer's thread
+and await its commit (no pool thread is held while waiting). The answer is built on the event
+loop, or in the thread pool for a large body.
 """
 
 from __future__ import annotations
@@ -33,11 +36,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from adapters.fhir.committer import GroupCommitter
 from adapters.fhir.context import FhirApi, fhir_api
-from adapters.fhir.http import FhirResponse, operation_outcome
-from adapters.fhir.inbound import FhirIngest, FhirResult
+from adapters.fhir.http import FhirHttpError, FhirResponse, operation_outcome
+from adapters.fhir.inbound import BundleResult, FhirIngest, FhirResult
 from adapters.fhir.mapping import SUPPORTED, FhirMappingError, parse_json
 from adapters.service.auth import Principal, require
+from adapters.store import SqlUnitOfWork
 
 __all__ = ["router"]
 
@@ -49,6 +54,9 @@ _STORED: dict[int | str, dict[str, Any]] = {
     200: {"description": "Stored: a new version, or a redelivery answered as the first time"},
     201: {"description": "Created: stored for processing"},
 }
+# Bodies up to this size are answered from the event loop; larger ones from the thread pool
+# (encoding a large answer would hold up every other request on the loop).
+_INLINE_ANSWER_BYTES = 64 * 1024
 
 
 def _ingest(request: Request, api: FhirApi) -> FhirIngest:
@@ -58,6 +66,18 @@ def _ingest(request: Request, api: FhirApi) -> FhirIngest:
     if ingest is None or ingest.mapper is not api.mapper:
         ingest = state.fhir_ingest = FhirIngest(api.mapper)
     return ingest
+
+
+def _committer(request: Request, api: FhirApi) -> GroupCommitter:
+    """The app's group committer on the API's store (made on first use; the event loop is
+    the only caller, so no lock is needed)."""
+    state = request.app.state
+    committer: GroupCommitter | None = getattr(state, "fhir_committer", None)
+    if committer is None or committer.store is not api.store:
+        committer = state.fhir_committer = GroupCommitter(
+            api.store, after_commit=api.notify, on_writing=api.on_writing
+        )
+    return committer
 
 
 def _base(request: Request, api: FhirApi) -> str:
@@ -120,7 +140,7 @@ def _resource_answer(
     return FhirResponse(_stored_view(resource, result), status_code=result.status, headers=headers)
 
 
-def _write(
+async def _write(
     request: Request,
     api: FhirApi,
     caller: Principal,
@@ -129,20 +149,29 @@ def _write(
     resource_id: str | None,
 ) -> Response:
     ingest = _ingest(request, api)
-    with api.store.begin() as uow:
-        result = ingest.accept_body(
+    received_at, origin, media_type = api.now(), _origin(request), _media_type(request)
+
+    def accept(uow: SqlUnitOfWork) -> FhirResult:
+        return ingest.accept_body(
             uow,
             raw,
-            api.now(),
+            received_at,
             sender=caller.subject,
             resource_type=resource_type,
             resource_id=resource_id,
-            origin=_origin(request),
-            media_type=_media_type(request),
+            origin=origin,
+            media_type=media_type,
         )
-    api.notify()
-    resource = None
-    if result.ok:
+
+    result = await _committer(request, api).run(accept)
+    if len(raw) > _INLINE_ANSWER_BYTES:
+        return await run_in_threadpool(_resource_answer_of, request, api, result, raw)
+    return _resource_answer_of(request, api, result, raw)
+
+
+def _resource_answer_of(request: Request, api: FhirApi, result: FhirResult, raw: bytes) -> Response:
+    resource = result.resource
+    if result.ok and resource is None:  # a redelivery: the body is what was stored
         try:
             resource = parse_json(raw)
         except FhirMappingError:
@@ -150,29 +179,35 @@ def _write(
     return _resource_answer(request, api, result, resource)
 
 
-def _bundle(
+async def _bundle(
     request: Request, api: FhirApi, caller: Principal, raw: bytes, message: bool
 ) -> Response:
     ingest = _ingest(request, api)
-    with api.store.begin() as uow:
-        done = ingest.accept_bundle(
+    received_at, origin, media_type = api.now(), _origin(request), _media_type(request)
+    base_url = _base(request, api)
+
+    def accept(uow: SqlUnitOfWork) -> BundleResult:
+        return ingest.accept_bundle(
             uow,
             raw,
-            api.now(),
+            received_at,
             sender=caller.subject,
-            origin=_origin(request),
+            origin=origin,
             message=message,
-            base_url=_base(request, api),
-            media_type=_media_type(request),
+            base_url=base_url,
+            media_type=media_type,
         )
-    api.notify()
+
+    done = await _committer(request, api).run(accept)
+    if len(raw) > _INLINE_ANSWER_BYTES:
+        return await run_in_threadpool(FhirResponse, done.body, done.status)
     return FhirResponse(done.body, status_code=done.status)
 
 
 def _create(resource_type: str) -> Callable[..., Coroutine[Any, Any, Response]]:
     async def create(request: Request, api: Api, caller: Feed) -> Response:
         raw = await request.body()
-        return await run_in_threadpool(_write, request, api, caller, raw, resource_type, None)
+        return await _write(request, api, caller, raw, resource_type, None)
 
     create.__name__ = f"create_{resource_type}"
     create.__doc__ = (
@@ -185,9 +220,7 @@ def _create(resource_type: str) -> Callable[..., Coroutine[Any, Any, Response]]:
 def _update(resource_type: str) -> Callable[..., Coroutine[Any, Any, Response]]:
     async def update(resource_id: str, request: Request, api: Api, caller: Feed) -> Response:
         raw = await request.body()
-        return await run_in_threadpool(
-            _write, request, api, caller, raw, resource_type, resource_id
-        )
+        return await _write(request, api, caller, raw, resource_type, resource_id)
 
     update.__name__ = f"update_{resource_type}"
     update.__doc__ = (
@@ -231,7 +264,7 @@ async def transaction_or_batch(request: Request, api: Api, caller: Feed) -> Resp
     """A transaction is judged whole (one bad entry: 400 naming `Bundle.entry[i]`, nothing
     stored but the Bundle, for review); a batch takes each entry on its own."""
     raw = await request.body()
-    return await run_in_threadpool(_bundle, request, api, caller, raw, False)
+    return await _bundle(request, api, caller, raw, False)
 
 
 @router.post(
@@ -244,4 +277,43 @@ async def process_message(request: Request, api: Api, caller: Feed) -> Response:
     was stored and ignored); a message that cannot be taken is answered with an
     OperationOutcome (400, 422) and kept for review."""
     raw = await request.body()
-    return await run_in_threadpool(_bundle, request, api, caller, raw, True)
+    return await _bundle(request, api, caller, raw, True)
+
+
+# Types with routes of their own in another router (a POST to them is 405, not "unsupported").
+_SERVED_ELSEWHERE = frozenset({"Task"})
+
+fallback = APIRouter()
+"""Writes of a resource type safetynet does not take: included after every other router, so
+it never shadows a served path. The body is still kept (inbox, state unsupported) and answered
+404 not-supported naming the types taken, as an unsupported HL7 v2 type is kept and answered.
+Not in the CapabilityStatement or the OpenAPI document: it is the answer to what is not
+supported."""
+
+
+async def _unsupported(
+    request: Request, api: FhirApi, caller: Principal, resource_type: str, resource_id: str | None
+) -> Response:
+    if resource_type in _SERVED_ELSEWHERE:
+        raise FhirHttpError(
+            405,
+            f"Method Not Allowed: {request.method} is not supported for {resource_type}",
+            code="not-supported",
+        )
+    return await _write(request, api, caller, await request.body(), resource_type, resource_id)
+
+
+@fallback.post("/{resource_type}", include_in_schema=False)
+async def create_unsupported(
+    resource_type: str, request: Request, api: Api, caller: Feed
+) -> Response:
+    """POST of a type not taken: kept, 404 not-supported."""
+    return await _unsupported(request, api, caller, resource_type, None)
+
+
+@fallback.put("/{resource_type}/{resource_id}", include_in_schema=False)
+async def update_unsupported(
+    resource_type: str, resource_id: str, request: Request, api: Api, caller: Feed
+) -> Response:
+    """PUT of a type not taken: kept, 404 not-supported."""
+    return await _unsupported(request, api, caller, resource_type, resource_id)

@@ -18,6 +18,12 @@ change, 412 for a stale If-Match), then stored inbox-first (`adapters.fhir.task_
 and applied by the worker through the processor, so that the rules see it. The answer waits
 up to `FhirApi.task_wait` seconds: 200 with the changed Task, 409 if the processor refused
 it meanwhile (the Task moved on), or 202 while it is still queued.
+
+Search cost: a searchset is written as JSON text around each stored Task's own text
+(`search_task_json`: no decoding and re-encoding of the Tasks), and `Bundle.total` is counted
+on the first page only (unless that page already holds every match) and carried in the paging
+cursor to the next pages, so it is the total when the search began; `_total=accurate`
+counts again on every page, `_total=none` never counts.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from email.utils import format_datetime
 from typing import Annotated, Any
@@ -41,7 +47,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from adapters.fhir.context import FhirApi, fhir_api
-from adapters.fhir.http import FhirHttpError, FhirResponse, operation_outcome
+from adapters.fhir.http import FHIR_JSON, FhirHttpError, FhirResponse, operation_outcome
 from adapters.fhir.mapping import FhirMappingError, parse_json
 from adapters.fhir.task import RULE_SYSTEM, TAG_SYSTEM
 from adapters.fhir.task_change import TaskStatusChange, change_state, submit_change
@@ -50,11 +56,12 @@ from adapters.store.task_search import (
     Clause,
     Cursor,
     CursorError,
+    TaskJson,
     TaskPage,
     TaskRecord,
     Term,
     Viewer,
-    search_tasks,
+    search_task_json,
     visible_task,
 )
 from engine.processor import ALLOWED, NEEDS_TEXT
@@ -132,7 +139,8 @@ SEARCH_PARAMETERS: tuple[tuple[str, str, str], ...] = (
 )
 # Control parameters (not filters): `_count` (default 50, at most 500), `_sort`
 # (_lastUpdated, -_lastUpdated, authored-on, -authored-on), `_cursor` (from the paging links),
-# `_total` (accurate | estimate | none).
+# `_total` (accurate: count on every page | estimate: the default, counted on the first page
+# and carried to the next | none).
 INTERACTIONS = ("read", "search-type", "update", "patch")
 _MODIFIERS = {"owner": {"", "identifier"}, "patient": {"", "identifier"}}
 _FILTERS = {name for name, _, _ in SEARCH_PARAMETERS}
@@ -372,6 +380,7 @@ class _Search:
     descending: bool = False
     cursor: Cursor | None = None
     with_total: bool = True
+    recount: bool = False  # _total=accurate: count on every page, not only the first
 
 
 def _filter(name: str, modifier: str, values: Sequence[str], zone: tzinfo) -> tuple[Clause, bool]:
@@ -428,6 +437,7 @@ def _control(search: _Search, name: str, value: str) -> bool:
             raise FhirHttpError(400, str(exc), location="_cursor") from exc
         return False
     search.with_total = value != "none"  # _total
+    search.recount = value == "accurate"
     return True
 
 
@@ -459,9 +469,29 @@ def _parse_search(items: Sequence[tuple[str, str]], zone: tzinfo) -> _Search:
     return search
 
 
-def _searchset(base: str, search: _Search, page: TaskPage, now: datetime) -> dict[str, Any]:
-    """The searchset Bundle of one page: links (self, first, next, previous), the Tasks, and
-    an OperationOutcome entry for what was ignored or adjusted."""
+# As FhirResponse writes JSON; one encoder, not one per call (json.dumps with options makes one).
+_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _entry_json(base: str, task: TaskJson) -> str:
+    """One searchset entry as JSON text: the Task as `_served` makes it (resourceType, id,
+    meta with versionId and lastUpdated, then the stored elements), around its stored text."""
+    meta = dict(task.meta)
+    meta["versionId"] = str(task.version)
+    meta["lastUpdated"] = _instant(task.updated_at)
+    rest = task.rest.strip()
+    tail = "," + rest[1:] if rest[1:].strip() != "}" else "}"  # the stored elements, if any
+    return (
+        f'{{"fullUrl":{_json(base + "/Task/" + task.identifier)},"resource":'
+        f'{{"resourceType":"Task","id":{_json(task.resource_id)},"meta":{_json(meta)}{tail},'
+        '"search":{"mode":"match"}}'
+    )
+
+
+def _searchset(base: str, search: _Search, page: TaskPage[TaskJson], now: datetime) -> bytes:
+    """The searchset Bundle of one page, as JSON bytes: links (self, first, next,
+    previous), the Tasks (each spliced in as stored: `_entry_json`), and an OperationOutcome
+    entry for what was ignored or adjusted."""
 
     def link(relation: str, at: Cursor | None) -> dict[str, str]:
         params = [*search.used, ("_count", str(search.count))]
@@ -474,14 +504,7 @@ def _searchset(base: str, search: _Search, page: TaskPage, now: datetime) -> dic
         links.append(link("next", page.next))
     if page.previous is not None:
         links.append(link("previous", page.previous))
-    entries: list[dict[str, Any]] = [
-        {
-            "fullUrl": f"{base}/Task/{record.task.identifier}",
-            "resource": _served(record),
-            "search": {"mode": "match"},
-        }
-        for record in page.records
-    ]
+    entries = [_entry_json(base, task) for task in page.records]
     issues = [
         {
             "severity": "warning",
@@ -491,12 +514,11 @@ def _searchset(base: str, search: _Search, page: TaskPage, now: datetime) -> dic
         for name in search.ignored
     ] + search.notes
     if issues:
-        entries.append(
-            {
-                "resource": {"resourceType": "OperationOutcome", "issue": issues},
-                "search": {"mode": "outcome"},
-            }
-        )
+        outcome = {
+            "resource": {"resourceType": "OperationOutcome", "issue": issues},
+            "search": {"mode": "outcome"},
+        }
+        entries.append(_json(outcome))
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "id": uuid.uuid4().hex,
@@ -505,9 +527,10 @@ def _searchset(base: str, search: _Search, page: TaskPage, now: datetime) -> dic
         **({"total": page.total} if page.total >= 0 else {}),
         "link": links,
     }
+    text = _json(bundle)
     if entries:
-        bundle["entry"] = entries
-    return bundle
+        text = text[:-1] + ',"entry":[' + ",".join(entries) + "]}"
+    return text.encode("utf-8")
 
 
 @router.get(
@@ -536,21 +559,25 @@ def search(request: Request, api: Api, caller: Caller) -> Response:
     clauses = query.clauses
     if not query.shadow:  # shadow work is never shown as work
         clauses = [*clauses, ((("shadow", "eq", False),),)]
+    cursor = query.cursor
+    if cursor is not None and query.recount:
+        cursor = replace(cursor, total=-1)  # _total=accurate: count this page's search again
     with api.store.begin(read_only=True) as uow:
         try:
-            page = search_tasks(
+            page = search_task_json(
                 uow,
                 viewer,
                 clauses,
                 sort=query.sort,
                 descending=query.descending,
                 count=query.count,
-                cursor=query.cursor,
+                cursor=cursor,
                 with_total=query.with_total,
             )
         except CursorError as exc:
             raise FhirHttpError(400, str(exc), location="_cursor") from exc
-    return FhirResponse(_searchset(_base(api, request), query, page, api.now()))
+    body = _searchset(_base(api, request), query, page, api.now())
+    return Response(body, media_type=FHIR_JSON)
 
 
 # --- read -----------------------------------------------------------------------------------

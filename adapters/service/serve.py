@@ -223,6 +223,9 @@ class Service:
             source_timeout=self.settings.fhir_source_timeout,
             task_wait=self.settings.task_wait,
             base_url=(self.settings.public_base_url or "").rstrip("/"),
+            # The worker gives way to HTTP writes as to the MLLP listener's (one shared flag:
+            # whichever writer clears it first only ends the courtesy early).
+            on_writing=self.supervisor.shared.listener_wants_to_write,
         )
 
     def authenticator(self) -> Authenticator:

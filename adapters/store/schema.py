@@ -233,6 +233,29 @@ tasks = Table(
         "ix_tasks_search_updated", "shadow", "updated_at", "identifier", *_SEARCHED, "created_at"
     ),
     Index("ix_tasks_patient", "patient_value", "patient_system", "shadow", "safeguarding", "owner"),
+    # A clinician's own worklist (owner=...), the commonest search: owner first.
+    Index(
+        "ix_tasks_owner_created",
+        "owner",
+        "shadow",
+        "created_at",
+        "identifier",
+        "safeguarding",
+        "status",
+        "priority",
+        "rule_id",
+    ),
+    Index(
+        "ix_tasks_owner_updated",
+        "owner",
+        "shadow",
+        "updated_at",
+        "identifier",
+        "safeguarding",
+        "status",
+        "priority",
+        "rule_id",
+    ),
 )
 
 # Each row is a whole past state, search columns included, so history survives a merge or an

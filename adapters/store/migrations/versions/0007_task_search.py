@@ -44,6 +44,27 @@ _INDEXES = {
     "ix_tasks_search_created": ["shadow", "created_at", "identifier", *_SEARCHED, "updated_at"],
     "ix_tasks_search_updated": ["shadow", "updated_at", "identifier", *_SEARCHED, "created_at"],
     "ix_tasks_patient": ["patient_value", "patient_system", "shadow", "safeguarding", "owner"],
+    # A clinician's own worklist (owner=...), the commonest search: owner first.
+    "ix_tasks_owner_created": [
+        "owner",
+        "shadow",
+        "created_at",
+        "identifier",
+        "safeguarding",
+        "status",
+        "priority",
+        "rule_id",
+    ],
+    "ix_tasks_owner_updated": [
+        "owner",
+        "shadow",
+        "updated_at",
+        "identifier",
+        "safeguarding",
+        "status",
+        "priority",
+        "rule_id",
+    ],
 }
 
 
