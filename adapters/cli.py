@@ -39,7 +39,8 @@ from typing import TextIO
 from sqlalchemy.exc import SQLAlchemyError
 
 from adapters.bootstrap import App, build_replay_app, default_rules_dir
-from adapters.hl7v2.er7 import Hl7ReadError, decode, split_messages
+from adapters.governance.backtest import BacktestError, archive_files, archive_messages
+from adapters.hl7v2.er7 import Hl7ReadError
 from adapters.store import SqlStore, open_store
 from engine.catalogue import load_catalogue
 from engine.errors import ConfigurationError
@@ -53,26 +54,17 @@ class CliError(Exception):
 
 
 def _files(paths: Sequence[str]) -> list[Path]:
-    out: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            out.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise CliError(f"{name}: no such file or folder")
-    return out
+    try:
+        return archive_files(paths)
+    except BacktestError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _messages(files: Sequence[Path]) -> Iterator[tuple[Path, str | Hl7ReadError]]:
-    for path in files:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise CliError(f"{path}: cannot be read: {exc.strerror}") from exc
-        for item in split_messages(decode(data)):
-            yield path, item
+    try:
+        yield from archive_messages(files)
+    except BacktestError as exc:
+        raise CliError(str(exc)) from exc
 
 
 def _parse_until(value: str) -> datetime:

@@ -35,6 +35,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from adapters.fhir.committer import GroupCommitter
 from adapters.fhir.context import FhirApi, fhir_api
@@ -280,15 +281,33 @@ async def process_message(request: Request, api: Api, caller: Feed) -> Response:
     return await _bundle(request, api, caller, raw, True)
 
 
-# Types with routes of their own in another router (a POST to them is 405, not "unsupported").
+# Types with routes of their own in another router (a write to them is 405, not "unsupported").
 _SERVED_ELSEWHERE = frozenset({"Task"})
 
+
+class _ResourceType(Convertor[str]):
+    """A path segment that looks like a FHIR resource type (`Observation`), so that the
+    fallback never answers for other paths (`/fhir/no-such-thing` stays a plain 404)."""
+
+    regex = "[A-Z][A-Za-z]{1,63}"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("fhir_type", _ResourceType())
+
 fallback = APIRouter()
-"""Writes of a resource type safetynet does not take: included after every other router, so
-it never shadows a served path. The body is still kept (inbox, state unsupported) and answered
-404 not-supported naming the types taken, as an unsupported HL7 v2 type is kept and answered.
-Not in the CapabilityStatement or the OpenAPI document: it is the answer to what is not
-supported."""
+"""Requests for a resource type safetynet does not serve: included after every other router,
+so it never shadows a served path. A write (POST, PUT) is still kept (inbox, state unsupported)
+and answered 404 not-supported, as an unsupported HL7 v2 type is kept and answered; any other
+method is 404 (405 for Task, which has other methods). Not in the CapabilityStatement or the
+OpenAPI document: it is the answer to what is not supported."""
+
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 async def _unsupported(
@@ -300,20 +319,22 @@ async def _unsupported(
             f"Method Not Allowed: {request.method} is not supported for {resource_type}",
             code="not-supported",
         )
+    if request.method not in ("POST", "PUT") or (request.method == "PUT") != bool(resource_id):
+        raise FhirHttpError(404, "Not Found", code="not-found")
     return await _write(request, api, caller, await request.body(), resource_type, resource_id)
 
 
-@fallback.post("/{resource_type}", include_in_schema=False)
-async def create_unsupported(
-    resource_type: str, request: Request, api: Api, caller: Feed
-) -> Response:
-    """POST of a type not taken: kept, 404 not-supported."""
+@fallback.api_route("/{resource_type:fhir_type}", methods=_METHODS, include_in_schema=False)
+async def type_not_served(resource_type: str, request: Request, api: Api, caller: Feed) -> Response:
+    """A type not served: a POST is kept and answered 404 not-supported."""
     return await _unsupported(request, api, caller, resource_type, None)
 
 
-@fallback.put("/{resource_type}/{resource_id}", include_in_schema=False)
-async def update_unsupported(
+@fallback.api_route(
+    "/{resource_type:fhir_type}/{resource_id}", methods=_METHODS, include_in_schema=False
+)
+async def instance_not_served(
     resource_type: str, resource_id: str, request: Request, api: Api, caller: Feed
 ) -> Response:
-    """PUT of a type not taken: kept, 404 not-supported."""
+    """An instance of a type not served: a PUT is kept and answered 404 not-supported."""
     return await _unsupported(request, api, caller, resource_type, resource_id)

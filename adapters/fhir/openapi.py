@@ -30,6 +30,7 @@ from fastapi.openapi.utils import get_openapi
 
 from adapters.fhir.capability import FHIR_PREFIX, Interaction, inventory
 from adapters.fhir.http import FHIR_JSON
+from adapters.fhir.task_api import TASK_STATUS_CODES
 
 __all__ = ["SCHEMAS", "install_openapi"]
 
@@ -128,23 +129,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {
             "resourceType": {"type": "string", "enum": ["Task"]},
             "id": {"type": "string"},
-            "status": {
-                "type": "string",
-                "enum": [
-                    "draft",
-                    "requested",
-                    "received",
-                    "accepted",
-                    "rejected",
-                    "ready",
-                    "cancelled",
-                    "in-progress",
-                    "on-hold",
-                    "failed",
-                    "completed",
-                    "entered-in-error",
-                ],
-            },
+            "status": {"type": "string", "enum": list(TASK_STATUS_CODES)},
             "intent": {"type": "string"},
             "priority": {"type": "string"},
             "owner": {"type": "object"},

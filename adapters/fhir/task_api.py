@@ -93,22 +93,22 @@ DEFAULT_COUNT, MAX_COUNT = 50, 500
 
 TASK_STATUS_SYSTEM = "http://hl7.org/fhir/task-status"
 PRIORITY_SYSTEM = "http://hl7.org/fhir/request-priority"
-TASK_STATUSES = frozenset(
-    {
-        "draft",
-        "requested",
-        "received",
-        "accepted",
-        "rejected",
-        "ready",
-        "cancelled",
-        "in-progress",
-        "on-hold",
-        "failed",
-        "completed",
-        "entered-in-error",
-    }
+# FHIR R4 Task.status (value set task-status), in the specification's order.
+TASK_STATUS_CODES = (
+    "draft",
+    "requested",
+    "received",
+    "accepted",
+    "rejected",
+    "ready",
+    "cancelled",
+    "in-progress",
+    "on-hold",
+    "failed",
+    "completed",
+    "entered-in-error",
 )
+TASK_STATUSES = frozenset(TASK_STATUS_CODES)
 
 # The search parameters, as the CapabilityStatement lists them: (name, type, documentation).
 SEARCH_PARAMETERS: tuple[tuple[str, str, str], ...] = (

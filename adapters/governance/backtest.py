@@ -68,6 +68,7 @@ __all__ = [
     "TaskRow",
     "add_arguments",
     "archive_files",
+    "archive_messages",
     "command",
     "parse_until",
     "redact",
@@ -196,7 +197,9 @@ def archive_files(paths: Sequence[str]) -> list[Path]:
     return out
 
 
-def _messages(files: Sequence[Path]) -> Iterator[tuple[Path, str | Hl7ReadError]]:
+def archive_messages(files: Sequence[Path]) -> Iterator[tuple[Path, str | Hl7ReadError]]:
+    """Each file's messages (or the reason one cannot be read), in order, as replay reads
+    them. Raises BacktestError naming a file that cannot be read."""
     for path in files:
         try:
             data = path.read_bytes()
@@ -420,7 +423,7 @@ def _replay(
     in the database is read once at the end instead."""
     counts = _Counts()
     clock = app.clock
-    stream = _messages(files)
+    stream = archive_messages(files)
     while batch := list(itertools.islice(stream, BATCH)):
         done = 0
         with app.store.begin() as uow:
