@@ -28,7 +28,7 @@ from sqlalchemy import create_engine, insert, select, update
 from sqlalchemy.engine import make_url
 
 from adapters.service.http import Health, build_ops_app
-from adapters.service.logs import configure_logging, uvicorn_log_config
+from adapters.service.logs import AccessLogFilter, configure_logging, uvicorn_log_config
 from adapters.service.metrics import (
     MAX_MESSAGE_TYPES,
     MAX_SENDERS,
@@ -255,6 +255,25 @@ def test_access_log_is_json_without_the_query_string(restore_logging: None) -> N
     assert NHS_NUMBER not in buffer.getvalue()
     # uvicorn's own lines (startup, shutdown) are JSON too.
     assert any(line["logger"] == "uvicorn.error" for line in lines)
+
+
+def test_access_lines_for_fhir_paths_are_dropped_their_ids_may_name_patients() -> None:
+    def access(path: str) -> logging.LogRecord:
+        return logging.LogRecord(
+            "uvicorn.access",
+            logging.INFO,
+            __file__,
+            1,
+            '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:5", "PUT", path, "1.1", 200),
+            None,
+        )
+
+    keep = AccessLogFilter()
+    assert not keep.filter(access(f"/fhir/Patient/{NHS_NUMBER}"))
+    assert not keep.filter(access("/fhir?x=1"))
+    healthz = access("/healthz?patient=1")
+    assert keep.filter(healthz) and healthz.getMessage() == "PUT /healthz 200"
 
 
 # --- the database gauges ----------------------------------------------------------------------

@@ -113,14 +113,19 @@ class SafeExtrasFilter(logging.Filter):
 class AccessLogFilter(logging.Filter):
     """Rewrites uvicorn's access line (`peer - "GET /path?query HTTP/1.1" 200`) as
     `GET /path 200` with `peer`, `method`, `path` and `status_code` extras; the query string
-    is dropped. Other records pass unchanged."""
+    is dropped. Lines for `/fhir` are dropped whole: their paths carry the senders' resource
+    ids (`/fhir/Patient/<id>`, which may be an NHS number), and `safetynet.http` already logs
+    each of those requests by its route template (adapters/service/audit.py). Other records
+    pass unchanged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite an access record in place; always True."""
+        """Rewrite an access record in place; False only for a `/fhir` access line."""
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
             peer, method, full_path, _http_version, status = args
             path = str(full_path).split("?", 1)[0]
+            if path == "/fhir" or path.startswith("/fhir/"):
+                return False
             record.peer = str(peer)
             record.method = str(method)
             record.path = path
