@@ -38,6 +38,7 @@ from typing import TextIO
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from adapters import package_version
 from adapters.bootstrap import App, build_replay_app, default_rules_dir
 from adapters.governance.backtest import BacktestError, archive_files, archive_messages
 from adapters.hl7v2.er7 import Hl7ReadError
@@ -456,21 +457,12 @@ def safety_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             + (f"{len(problems)} problems\n" if problems else "every control names a test\n")
         )
         return 1 if problems else 0
-    summary = render_summary(log, args.release or _version())
+    summary = render_summary(log, args.release or package_version())
     if args.out:
         Path(args.out).write_text(summary, encoding="utf-8")
     else:
         out.write(summary)
     return 0
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("safetynet")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def rules_test(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

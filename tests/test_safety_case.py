@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.cli import SAFETY_LOG, _version, main
+from adapters import package_version
+from adapters.cli import SAFETY_LOG, main
 from adapters.governance.safety_case import (
     LIKELIHOOD,
     SEVERITY,
@@ -35,7 +36,7 @@ def test_the_hazard_log_is_complete_and_every_control_names_a_test_that_exists()
 
 
 def test_the_committed_safety_case_is_generated_from_the_log() -> None:
-    expected = render_summary(load_log(SAFETY_LOG), _version())
+    expected = render_summary(load_log(SAFETY_LOG), package_version())
     assert SUMMARY.read_text(encoding="utf-8") == expected, (
         "safety/safety-case.md is out of date: run "
         "`safetynet safety report --out safety/safety-case.md`"

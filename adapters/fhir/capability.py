@@ -32,7 +32,6 @@ import typing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import fastapi.routing
@@ -41,6 +40,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 
+from adapters import package_version
 from adapters.fhir.http import FHIR_JSON, FhirResponse
 
 __all__ = [
@@ -290,13 +290,6 @@ def inventory(routes: Iterable[Any], prefix: str = FHIR_PREFIX) -> Inventory:
     return Inventory(tuple(found), tuple(unread), tuple(seen))
 
 
-def _version() -> str:
-    try:
-        return version("safetynet")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def _search_param(param: SearchParam, resource_type: str) -> dict[str, Any]:
     name = param.name
     entry: dict[str, Any] = {"name": name, "type": param.type}
@@ -407,7 +400,7 @@ def capability_statement(
             "operations below, FHIR JSON only."
         ),
         "kind": "instance",
-        "software": {"name": "safetynet", "version": _version()},
+        "software": {"name": "safetynet", "version": package_version()},
         "implementation": {"description": "safetynet FHIR R4 API"},
         "fhirVersion": FHIR_VERSION,
         "format": ["json", FHIR_JSON],

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from adapters import package_version
 
 __all__ = ["Health", "build_ops_app"]
 
@@ -38,13 +39,6 @@ class Health:
     ready: Callable[[], tuple[bool, dict[str, str]]]
 
 
-def _version() -> str:
-    try:
-        return version("safetynet")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 def build_ops_app(health: Health, registry: CollectorRegistry) -> FastAPI:
     """The FastAPI app serving the operations endpoints:
 
@@ -58,7 +52,7 @@ def build_ops_app(health: Health, registry: CollectorRegistry) -> FastAPI:
     """
     app = FastAPI(
         title="safetynet",
-        version=_version(),
+        version=package_version(),
         description="Radiology-to-discharge safety net: operations endpoints.",
     )
     router = APIRouter(tags=["operations"])
